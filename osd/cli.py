@@ -1,0 +1,112 @@
+"""The `osd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from osd.config import EngineConfig, ModelConfig, SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", default="smollm2", help="target model: 'smollm2' (packaged), an HF dir or hub id")
+    g.add_argument("--draft", default="self", help="'self' (the target's first layers), 'none', or an HF dir/hub id")
+    g.add_argument("--draft-layers", type=int, default=2, help="decoder layers in the self-draft")
+    g.add_argument("--shortlist", default=None, help="JSON list of token ids for the draft's shortlist LM head")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per round")
+
+
+def _model_config(args) -> tuple[ModelConfig, EngineConfig]:
+    return (ModelConfig(target=args.target, draft=args.draft, draft_layers=args.draft_layers, shortlist=args.shortlist,
+                        device=args.device, dtype=args.dtype, torch_threads=args.threads),
+            EngineConfig(gamma=args.gamma))
+
+
+def cmd_generate(args) -> int:
+    from osd.data import chat_prompt_ids
+    from osd.engine import build_engine
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop=args.stop or [], seed=args.seed)
+    models, engine_cfg = _model_config(args)
+    engine = build_engine(models, engine_cfg)
+    if args.raw:
+        prompt_ids = engine.tokenizer(args.prompt).input_ids
+    else:
+        prompt_ids = chat_prompt_ids(engine.tokenizer, args.prompt)
+    out = engine.generate(prompt_ids, params)
+    if args.json:
+        print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "output_ids": out.output_ids,
+                          "stats": out.stats.as_dict()}, indent=2))
+        return 0
+    print(out.text)
+    s = out.stats
+    alpha = f"{s.alpha_hat:.3f}" if s.alpha_hat is not None else "n/a"
+    print(f"\n[{s.output_tokens} tokens in {s.elapsed_s:.2f}s = {s.tokens_per_second:.1f} tok/s | finish={out.finish_reason} | "
+          f"rounds={s.rounds} proposed={s.proposed} accepted={s.accepted} per-position={s.accepted_per_position} | "
+          f"target forwards={s.target_forwards} | mean acceptance length={s.mean_acceptance_length:.2f} | α̂={alpha}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.which == "spec":
+        from osd.bench.spec import run_spec_bench
+
+        run_spec_bench(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osd", description="Online speculative decoding with draft distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run one prompt through the speculative engine and print text and stats")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
+    bench.add_argument("which", choices=["spec"], help="spec: engine vs HF generate and assisted generation")
+    bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
+    bench.add_argument("--max-tokens", type=int, default=96)
+    bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: ../shared/data)")
+    bench.add_argument("--out", default="bench/results", help="directory for the JSON results")
+    bench.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update with the table")
+    _add_model_args(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        for err in e.errors():
+            print(f"osd: invalid {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"osd: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

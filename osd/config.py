@@ -1,0 +1,58 @@
+"""Typed configuration. Every field validates its range and says what it is for."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingParams(_Strict):
+    """How one request is decoded. The same warp applies to target (p) and draft (q)."""
+
+    max_tokens: int = Field(64, ge=1, description="Maximum number of new tokens to generate.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 means greedy.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 disables.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1]; 1 disables.")
+    stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end generation when produced.")
+    seed: int | None = Field(None, description="Seed for this request's sampling; None draws a fresh one.")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ModelConfig(_Strict):
+    """Which models to load, and where they run."""
+
+    target: str = Field("smollm2", description="Target model: 'smollm2' (packaged), an HF model dir, or a hub id.")
+    draft: str = Field("self", description="Draft: 'self' (the target's first layers), 'none', or an HF model dir/hub id.")
+    draft_layers: int = Field(2, ge=1, description="Decoder layers in the self-draft.")
+    shortlist: str | None = Field(None, description="JSON file of token ids for the draft's shortlist LM head; None = full head.")
+    device: str = Field("cpu", description="Torch device for both models, e.g. 'cpu' or 'cuda:0'.")
+    dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        return v
+
+
+class EngineConfig(_Strict):
+    """Speculative decoding knobs."""
+
+    gamma: int = Field(4, ge=1, le=32, description="Draft tokens proposed per round.")
+    teacher_top_k: int = Field(64, ge=1, le=4096, description="Target log-probs kept per position in training records.")
+    record: bool = Field(True, description="Build a training record for every request.")

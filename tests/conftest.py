@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+from redis_fixtures import *  # noqa: F401,F403
+
+# Tiny models gain nothing from threads, and OpenMP spinning on a shared 2-core
+# machine made them ~8x slower; SmolLM2 tests ask for more threads themselves.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2 target, its tokenizer and the default 2-layer self-draft."""
+    from osd.models import build_draft, load_causal_lm, load_tokenizer
+
+    target = load_causal_lm("smollm2")
+    return target, load_tokenizer("smollm2"), build_draft(target, "self", 2)
+
+
+@pytest.fixture
+def all_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,211 @@
+"""The speculative engine on tiny random models: lossless, bounded, and honest about its stats."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from osd import drafting
+from osd.config import EngineConfig, SamplingParams
+from osd.engine import RequestError, SpeculativeEngine
+from osd.sampling import warp_probs
+from tiny import CharTokenizer, hf_greedy, noisy_copy, tiny_llama, tiny_pair
+
+
+def prompts(n, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(1, 12, (), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 7])
+def test_greedy_equals_target_greedy(gamma):
+    target, draft = tiny_pair(vocab=64, sharpness=3.0)
+    agreeing = noisy_copy(target, noise=0.3)  # accepts often, so multi-token accepts and bonus tokens occur
+    for d in (draft, agreeing):
+        engine = SpeculativeEngine(target, CharTokenizer(), d, EngineConfig(gamma=gamma))
+        for prompt in prompts(6, 64, seed=gamma):
+            out = engine.generate(prompt, SamplingParams(max_tokens=24))
+            assert out.output_ids == hf_greedy(target, prompt, 24)
+            assert out.finish_reason == "length"
+    assert out.stats.accepted > 0, "the agreeing draft should have been accepted sometimes"
+
+
+def test_kv_cache_lengths_every_round(monkeypatch):
+    target, _ = tiny_pair(vocab=64, sharpness=3.0)
+    draft = noisy_copy(target, noise=0.5)
+    seen = []
+    real_crop = drafting.crop_cache
+
+    def recording_crop(cache, length):
+        real_crop(cache, length)
+        seen.append((cache.get_seq_length(), length))
+
+    monkeypatch.setattr("osd.engine.crop_cache", recording_crop)
+    monkeypatch.setattr("osd.drafting.crop_cache", recording_crop)
+    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=4))
+    engine.generate([3, 1, 4, 1, 5], SamplingParams(max_tokens=30, temperature=0.8, seed=0))
+    assert len(seen) > 10
+    # Every crop leaves exactly the committed length (or less for a draft that is one behind).
+    assert all(got <= want for got, want in seen)
+    target_crops = seen[1::2]  # draft rollback, then target crop, each round
+    assert all(got == want for got, want in target_crops)
+
+
+def test_eos_inside_an_accepted_block_ends_the_output_there():
+    target = tiny_llama(vocab=64, sharpness=3.0)
+    prompt = [5, 9, 2]
+    reference = hf_greedy(target, prompt, 12)
+    eos = reference[3]
+    target.generation_config.eos_token_id = eos
+    first = reference.index(eos)
+    # A draft identical to the target accepts all γ=6 proposals, so EOS lands mid-block.
+    engine = SpeculativeEngine(target, CharTokenizer(eos), noisy_copy(target, noise=0.0), EngineConfig(gamma=6))
+    out = engine.generate(prompt, SamplingParams(max_tokens=12))
+    assert out.output_ids == reference[: first + 1]
+    assert out.finish_reason == "stop"
+    assert out.stats.accepted >= first
+    assert out.record.teacher_token_ids.shape[0] == first + 1
+
+
+def test_stop_string_truncates_text_and_tokens():
+    target = tiny_llama(vocab=26, sharpness=3.0)
+    prompt = [1, 2, 3]
+    reference = hf_greedy(target, prompt, 16)
+    text = CharTokenizer().decode(reference)
+    stop = text[5:7]
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.2), EngineConfig(gamma=3))
+    out = engine.generate(prompt, SamplingParams(max_tokens=16, stop=[stop]))
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.find(stop)]
+    assert stop in CharTokenizer().decode(out.output_ids)
+    assert out.output_ids == reference[: len(out.output_ids)]
+
+
+def test_training_record_matches_a_fresh_target_forward():
+    target, _ = tiny_pair(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(gamma=3, teacher_top_k=16))
+    prompt = [7, 3, 9, 1]
+    out = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=3))
+    rec = out.record
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt + out.output_ids])).logits[0, len(prompt) - 1 : -1]
+    fresh = logits.log_softmax(-1)
+    assert rec.teacher_token_ids.shape == (20, 16)
+    assert torch.allclose(rec.teacher_logsumexp, logits.logsumexp(-1), atol=1e-4)
+    stored = rec.teacher_logprobs.float()
+    assert torch.allclose(stored, fresh.gather(-1, rec.teacher_token_ids.long()), atol=2e-3)
+    assert torch.equal(rec.teacher_token_ids.long(), fresh.topk(16, -1).indices)
+    # Rounds cover the output: proposals, first-rejection index, on-policy rows.
+    assert rec.rounds and all(0 <= r.num_accepted <= len(r.proposed) for r in rec.rounds)
+    expected_mask = torch.zeros(20, dtype=torch.bool)
+    for r in rec.rounds:
+        assert r.proposed[: r.num_accepted] == out.output_ids[r.start : r.start + r.num_accepted]
+        expected_mask[r.start : r.start + min(r.num_accepted + 1, len(r.proposed))] = True
+    assert torch.equal(rec.on_policy_mask(), expected_mask)
+
+
+def test_stats_are_consistent():
+    target, _ = tiny_pair(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(gamma=4))
+    s = engine.generate([1, 2, 3], SamplingParams(max_tokens=40)).stats
+    assert s.rounds * 4 >= s.proposed >= s.accepted
+    assert s.accepted == sum(s.accepted_per_position)
+    assert all(a >= b for a, b in zip(s.accepted_per_position, s.accepted_per_position[1:]))
+    assert s.mean_acceptance_length == pytest.approx(1 + s.accepted / s.rounds)
+    assert 0.0 <= s.alpha_hat <= 1.0
+    # Each round commits accepted + 1 tokens; γ=0 tail steps add one each.
+    assert s.output_tokens == s.accepted + s.target_forwards
+
+
+def test_engine_without_draft_is_plain_decoding():
+    target, _ = tiny_pair(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, CharTokenizer(), None)
+    out = engine.generate([4, 2], SamplingParams(max_tokens=15))
+    assert out.output_ids == hf_greedy(target, [4, 2], 15)
+    assert out.stats.target_forwards == 15 and out.stats.rounds == 0 and out.stats.alpha_hat is None
+
+
+# ---- sampled decoding: whole-sequence distributions must match the target's -------------------------
+
+VOCAB, SAMPLES = 8, 1200
+
+
+def exact_sequences(model, prompt, params):
+    """Exact probability of every continuation of length params.max_tokens under the warped target."""
+    dist = {}
+    frontier = [((), 1.0)]
+    with torch.no_grad():
+        for _ in range(params.max_tokens):
+            nxt = []
+            for seq, prob in frontier:
+                logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1:]
+                probs = warp_probs(logits, params)[0].double()
+                nxt += [(seq + (t,), prob * float(probs[t])) for t in range(VOCAB) if probs[t] > 0]
+            frontier = nxt
+    for seq, prob in frontier:
+        dist[seq] = prob
+    return dist
+
+
+def chi_square_pvalue(counts, dist, n):
+    seqs = sorted(dist, key=dist.get, reverse=True)
+    expected = [dist[s] * n for s in seqs]
+    observed = [counts.get(s, 0) for s in seqs]
+    big = [i for i, e in enumerate(expected) if e >= 5]
+    small = [i for i in range(len(seqs)) if i not in big]
+    obs = [observed[i] for i in big] + [sum(observed[i] for i in small)]
+    exp = [expected[i] for i in big] + [sum(expected[i] for i in small)]
+    if exp[-1] < 5:  # merge the tail into the last big bin
+        obs[-2] += obs.pop()
+        exp[-2] += exp.pop()
+    scale = sum(obs) / sum(exp)
+    return chisquare(obs, [e * scale for e in exp]).pvalue
+
+
+@pytest.mark.parametrize("gamma, temperature, top_p, top_k", [(1, 0.7, 0.9, 0), (3, 1.3, 0.6, 0), (5, 0.9, 1.0, 2)])
+def test_sampled_sequences_follow_the_target(gamma, temperature, top_p, top_k):
+    # γ + 1 tokens: one full round of γ proposals plus its bonus fits in every sequence.
+    target = tiny_llama(vocab=VOCAB, sharpness=4.0)
+    draft = noisy_copy(target, noise=1.0)
+    prompt = [1, 2]
+    params = dict(max_tokens=gamma + 1, temperature=temperature, top_p=top_p, top_k=top_k)
+    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=gamma, record=False))
+    counts, accepted = {}, 0
+    for seed in range(SAMPLES):
+        out = engine.generate(prompt, SamplingParams(seed=seed, **params))
+        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
+        accepted += out.stats.accepted
+    target_dist = exact_sequences(target, prompt, SamplingParams(**params))
+    assert not set(counts) - set(target_dist), "a sequence the target can never produce appeared"
+    assert chi_square_pvalue(counts, target_dist, SAMPLES) > 1e-3
+    assert 0 < accepted < SAMPLES * gamma, "both accept and reject paths must be exercised"
+    # The same check must be able to fail: the draft's own distribution is rejected.
+    draft_dist = exact_sequences(draft.model, prompt, SamplingParams(**params))
+    assert chi_square_pvalue(counts, {s: draft_dist.get(s, 0.0) + 1e-12 for s in set(draft_dist) | set(counts)},
+                             SAMPLES) < 1e-3
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_bad_requests_are_clear_errors():
+    target, draft = tiny_pair(vocab=64)
+    engine = SpeculativeEngine(target, CharTokenizer(), draft)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(RequestError, match="context window"):
+        engine.generate([1] * 10, SamplingParams(max_tokens=250))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_tokens", 0, "greater than or equal to 1"),
+    ("max_tokens", -5, "greater than or equal to 1"),
+    ("temperature", -0.1, "greater than or equal to 0"),
+    ("top_p", 0.0, "greater than 0"),
+    ("top_p", 1.5, "less than or equal to 1"),
+    ("stop", [""], "non-empty"),
+])
+def test_bad_sampling_params(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})

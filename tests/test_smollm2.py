@@ -1,0 +1,64 @@
+"""Integration on the packaged SmolLM2-135M target and its default self-draft."""
+
+import pytest
+import torch
+
+from osd.config import EngineConfig, SamplingParams
+from osd.data import chat_prompt_ids, load_questions, spread_across_categories
+from osd.engine import SpeculativeEngine
+from osd.models import DraftModel, ModelLoadError, build_draft, load_causal_lm
+
+pytestmark = pytest.mark.smollm2
+
+
+def test_self_draft_is_an_independent_copy_of_the_first_layers(smollm2):
+    target, _, draft = smollm2
+    assert draft.config.num_hidden_layers == 2 and target.config.num_hidden_layers == 30
+    t, d = target.state_dict(), draft.model.state_dict()
+    assert torch.equal(t["model.layers.1.mlp.up_proj.weight"], d["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(t["model.norm.weight"], d["model.norm.weight"])
+    assert d["model.layers.0.self_attn.q_proj.weight"].data_ptr() != t["model.layers.0.self_attn.q_proj.weight"].data_ptr()
+
+
+def test_greedy_equals_target_on_spec_bench(smollm2, all_threads):
+    target, tokenizer, draft = smollm2
+    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(gamma=4))
+    for q in spread_across_categories(load_questions(), 3):
+        prompt = chat_prompt_ids(tokenizer, q["turns"][0])
+        out = engine.generate(prompt, SamplingParams(max_tokens=64))
+        ids = torch.tensor([prompt])
+        ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+        assert out.output_ids == ref[0, len(prompt):].tolist(), q["category"]
+        assert out.stats.alpha_hat is not None and out.record.num_positions == len(out.output_ids)
+
+
+def test_shortlist_head_stays_lossless(smollm2, all_threads):
+    target, tokenizer, draft = smollm2
+    prompt = chat_prompt_ids(tokenizer, "Name three primary colors.")
+    ids = torch.tensor([prompt])
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+    shortlist = torch.cat([torch.arange(0, 4096), ref])  # most frequent ids first in this BPE vocab
+    short = DraftModel(draft.model, shortlist)
+    logits = short(torch.tensor([prompt]))
+    outside = torch.ones(logits.shape[-1], dtype=torch.bool)
+    outside[short.shortlist] = False
+    assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
+    out = SpeculativeEngine(target, tokenizer, short, EngineConfig(gamma=3)).generate(prompt, SamplingParams(max_tokens=24))
+    assert out.output_ids == ref.tolist()
+
+
+def test_mismatched_vocabulary_is_refused(smollm2, tmp_path):
+    target, _, _ = smollm2
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="vocabulary"):
+        build_draft(target, str(tmp_path))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_causal_lm(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_causal_lm(str(tmp_path))
