@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    from trainers.replay import add_distill_args, run_distill_command
+
+    distill = sub.add_parser("distill", help="replay prompts through the engine and distil the draft online")
+    add_distill_args(distill)
+    distill.set_defaults(func=run_distill_command)
+
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
     bench.add_argument("which", choices=["spec"], help="spec: engine vs HF generate and assisted generation")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")

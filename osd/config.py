@@ -40,6 +40,8 @@ class ModelConfig(_Strict):
     shortlist: str | None = Field(None, description="JSON file of token ids for the draft's shortlist LM head; None = full head.")
     device: str = Field("cpu", description="Torch device for both models, e.g. 'cpu' or 'cuda:0'.")
     dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
+    transpose_weights: bool | None = Field(
+        None, description="Lay target Linear weights out [in, out] (faster multi-token verification on CPU); None = on for CPU.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default.")
 
     @field_validator("dtype")

@@ -16,7 +16,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from osd.config import EngineConfig, ModelConfig, SamplingParams
 from osd.drafting import Drafter, Proposal, crop_cache
-from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, load_tokenizer, parse_dtype
+from osd.models import (DraftModel, build_draft, load_causal_lm, load_shortlist, load_tokenizer, parse_dtype,
+                        transpose_linear_weights)
 from osd.records import DraftRound, TrainingRecord
 from osd.sampling import warp_probs
 from osd.verification import Verdict, overlap, verify_greedy, verify_sampled
@@ -237,6 +238,8 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
     if models.torch_threads:
         torch.set_num_threads(models.torch_threads)
     target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
+    if models.transpose_weights or (models.transpose_weights is None and target.device.type == "cpu"):
+        transpose_linear_weights(target)
     tokenizer = load_tokenizer(models.target)
     draft = None
     if models.draft != "none":

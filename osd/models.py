@@ -117,6 +117,31 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
+def transpose_linear_weights(model: nn.Module) -> nn.Module:
+    """Store every Linear weight as the transpose of a contiguous [in, out] tensor (same values, same shape).
+
+    Why: on CPU, MKL picks a slow kernel for F.linear with 3–16 input rows and a
+    row-major [out, in] weight; with the weight laid out [in, out] it runs a plain
+    x @ W^T GEMM that stays near the 1-row cost (measured: a 576→1536 layer at 8 rows
+    0.41 → 0.23 ms; the whole target over 4 new tokens 94 → 79 ms on one thread). That
+    flattens the verification cost curve every speedup here rides on. Tied weights
+    stay tied. Inference only: the values are unchanged, only the memory layout.
+    """
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in replaced:
+            module.weight = replaced[id(module.weight)]
+        elif isinstance(module, nn.Linear):
+            w = module.weight
+            replaced[id(w)] = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+            module.weight = replaced[id(w)]
+    # A tied embedding seen before its LM head still points at the old tensor.
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and id(embedding.weight) in replaced:
+        embedding.weight = replaced[id(embedding.weight)]
+    return model
+
+
 def build_self_draft(target: PreTrainedModel, num_layers: int = 2) -> PreTrainedModel:
     """The target's first `num_layers` decoder layers, final norm and LM head, as an independent copy.
 
@@ -132,7 +157,7 @@ def build_self_draft(target: PreTrainedModel, num_layers: int = 2) -> PreTrained
         config.layer_types = config.layer_types[:num_layers]
     draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
     # Layers are numbered from 0 in both, so the first `num_layers` keys line up.
-    source = {k: v.clone() for k, v in target.state_dict().items() if (_layer_index(k) or 0) < num_layers}
+    source = {k: v.clone(memory_format=torch.contiguous_format) for k, v in target.state_dict().items() if (_layer_index(k) or 0) < num_layers}
     missing, unexpected = draft.load_state_dict(source, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     if config.tie_word_embeddings:

@@ -12,11 +12,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The packaged SmolLM2 target, its tokenizer and the default 2-layer self-draft."""
-    from osd.models import build_draft, load_causal_lm, load_tokenizer
+    """The packaged SmolLM2 target, its tokenizer and the default 2-layer self-draft, as `make run` loads them."""
+    from osd.engine import build_engine
 
-    target = load_causal_lm("smollm2")
-    return target, load_tokenizer("smollm2"), build_draft(target, "self", 2)
+    engine = build_engine()
+    return engine.target, engine.tokenizer, engine.draft
 
 
 @pytest.fixture

@@ -62,3 +62,19 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         load_causal_lm(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_causal_lm(str(tmp_path))
+
+
+def test_transposed_weight_layout_keeps_values_and_ties(smollm2):
+    target, _, draft = smollm2
+    assert target.lm_head.weight.stride() == (1, target.config.vocab_size), "build_engine should transpose on CPU"
+    assert target.lm_head.weight is target.model.embed_tokens.weight, "tied embeddings must stay tied"
+    assert draft.model.lm_head.weight.is_contiguous(), "the trainable draft keeps the standard layout"
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    contiguous = {k: v.contiguous() for k, v in target.state_dict().items()}
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(target.config).eval()
+    plain.load_state_dict(contiguous, strict=False)
+    plain.tie_weights()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, target(ids).logits, rtol=1e-4, atol=2e-3)

@@ -1,0 +1,212 @@
+"""Online distiller, promotion gate and the replay loop, on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from osd.buffer import BufferConfig, RecordBuffer
+from osd.config import EngineConfig, SamplingParams
+from osd.engine import SpeculativeEngine
+from osd.models import DraftModel
+from osd.registry import DraftRegistry, FileStore
+from tiny import CharTokenizer, noisy_copy, tiny_llama
+from trainers.config import DistillConfig
+from trainers.distiller import OnlineDistiller, collate, student_logits
+from trainers.gate import PromotionGate
+from trainers.losses import forward_kl
+from trainers.replay import distill_replay
+
+V = 32
+SHARP = 10.0  # peaky enough that a random draft disagrees with the target (α̂ ≈ 0.4)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    """A fixed synthetic task: random prompts of 3-7 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (int(torch.randint(3, 8, (), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def make_engine(draft: DraftModel | None) -> SpeculativeEngine:
+    return SpeculativeEngine(tiny_llama(V, 2, seed=0, sharpness=SHARP), CharTokenizer(), draft, EngineConfig(gamma=4))
+
+
+def random_draft(seed: int = 1) -> DraftModel:
+    return DraftModel(tiny_llama(V, 1, seed=seed, sharpness=SHARP))
+
+
+def sampling(seed: int, max_tokens: int = 16) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+
+
+def records(engine: SpeculativeEngine, n: int, seed: int) -> list:
+    return [engine.generate(p, sampling(seed + i)).record for i, p in enumerate(prompts(n, seed))]
+
+
+def engine_alpha(engine: SpeculativeEngine, draft: DraftModel, ps: list[list[int]]) -> float:
+    """α̂ as the engine measures it while serving, pooled over every verified position."""
+    engine.draft = draft
+    beta = count = 0
+    for i, p in enumerate(ps):
+        s = engine.generate(p, sampling(1000 + i)).stats
+        beta, count = beta + s.beta_sum, count + s.beta_count
+    return beta / count
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_online_distillation_raises_acceptance():
+    live = random_draft()
+    before_live = weights(live)
+    engine = make_engine(live)
+    cfg = DistillConfig(lr=1e-2, steps_per_update=8, update_interval=8, holdout_fraction=0.2)
+    distiller = OnlineDistiller(live, cfg)
+    results = []
+    for i, p in enumerate(prompts(40, seed=1)):  # served by the untrained draft, as online traffic would be
+        results += distiller.add(engine.generate(p, sampling(100 + i)).record)
+    assert [r.update for r in results] == [1, 2, 3, 4] and len(distiller.holdout) == 8
+    assert all(r.steps == 8 and r.records == 8 and math.isfinite(r.loss) for r in results)
+    assert results[-1].loss < results[0].loss
+
+    gate = PromotionGate()
+    held_before, held_after = gate.evaluate(live, distiller.holdout), gate.evaluate(distiller.draft, distiller.holdout)
+    fresh = prompts(10, seed=2)
+    served_before, served_after = engine_alpha(engine, live, fresh), engine_alpha(engine, distiller.candidate(), fresh)
+    assert held_after > held_before + 0.15, (held_before, held_after)
+    assert served_after > served_before + 0.15, (served_before, served_after)
+    # The live draft was never touched while the distiller trained its copy.
+    assert all(torch.equal(v, live.state_dict()[k]) for k, v in before_live.items())
+
+
+def test_student_rows_line_up_with_teacher_rows():
+    """A draft identical to the target scores α̂ = 1 on every row: the positions are right."""
+    engine = make_engine(random_draft())
+    recs = records(engine, 4, seed=3)
+    same = DraftModel(copy.deepcopy(engine.target))
+    assert PromotionGate(batch_size=3).evaluate(same, recs) == pytest.approx(1.0, abs=1e-3)
+    # Training logits are exactly what the draft serves, shortlist head included (-inf outside it).
+    short = DraftModel(tiny_llama(V, 1, seed=1, sharpness=SHARP), shortlist=torch.arange(0, V, 2))
+    batch = collate(recs, max_seq_len=1024)
+    with torch.no_grad():
+        served = torch.cat([short(torch.tensor([r.prompt_ids + r.output_ids[:-1]]))[0, len(r.prompt_ids) - 1:]
+                            for r in recs])
+        assert torch.allclose(student_logits(short, batch), served, atol=1e-5)
+    # Truncation keeps the first rows and as much prompt as still fits (here one token).
+    batch = collate(recs, max_seq_len=6)
+    assert batch.input_ids.shape[1] == 6 and batch.num_rows == 6 * len(recs)
+    assert batch.input_ids[0].tolist() == [recs[0].prompt_ids[-1], *recs[0].output_ids[:5]]
+    assert batch.row_pos[:6].tolist() == list(range(6))
+
+
+def test_gate_refuses_a_worse_candidate_and_promotes_a_better_one():
+    target = tiny_llama(V, 2, seed=0, sharpness=SHARP)
+    live = noisy_copy(target, noise=0.5)
+    engine = SpeculativeEngine(target, CharTokenizer(), live, EngineConfig(gamma=4))
+    holdout = records(engine, 6, seed=4)
+    scrambled = copy.deepcopy(live)
+    with torch.no_grad():
+        head = scrambled.model.lm_head.weight
+        head.copy_(head[torch.randperm(V, generator=torch.Generator().manual_seed(0))])
+    better = noisy_copy(target, noise=0.1)
+    gate = PromotionGate(margin=0.0)
+
+    worse = gate.decide(scrambled, live, holdout)
+    assert not worse.promote and worse.candidate_alpha < worse.live_alpha
+    good = gate.decide(better, live, holdout)
+    assert good.promote and good.candidate_alpha > good.live_alpha
+    assert good.rows == sum(r.num_positions for r in holdout)
+    assert gate.decide(copy.deepcopy(live), live, holdout).promote  # "not worse" includes equal
+    # A margin tolerates a small loss, not a large one; no held-out rows means no decision.
+    slack = worse.live_alpha - worse.candidate_alpha
+    assert PromotionGate(margin=slack + 1e-3).decide(scrambled, live, holdout).promote
+    assert not gate.decide(better, live, []).promote
+
+
+def test_lora_trains_only_adapters_and_exports_merged_live_layout():
+    live = random_draft()
+    before = weights(live.model)
+    engine = make_engine(live)
+    distiller = OnlineDistiller(live, DistillConfig(mode="lora", lora_rank=4, lr=1e-2, update_interval=4,
+                                                    steps_per_update=3, holdout_fraction=0.0))
+    trainable = [n for n, p in distiller.draft.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = {n: p.detach().clone() for n, p in distiller.draft.named_parameters() if not p.requires_grad}
+
+    (result,) = distiller.add(records(engine, 4, seed=5))
+    assert result.steps == 3 and math.isfinite(result.loss)
+    assert all(torch.equal(p, base[n]) for n, p in distiller.draft.named_parameters() if n in base)
+    exported = distiller.export_state_dict()
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in before.items()}
+    assert any(not torch.equal(exported[k], before[k]) for k in before), "merged adapters should change the weights"
+    assert all(torch.equal(v, live.model.state_dict()[k]) for k, v in before.items())  # live untouched
+    # The plain candidate serves exactly what the adapted draft computes.
+    fresh = records(engine, 2, seed=6)
+    gate = PromotionGate()
+    assert gate.evaluate(distiller.candidate(), fresh) == pytest.approx(gate.evaluate(distiller.draft, fresh), abs=1e-5)
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd", "tvd"])
+def test_on_policy_ratio_one_without_on_policy_rows_is_a_finite_no_op(loss):
+    plain = make_engine(None)  # no draft: no proposals, so no on-policy rows
+    recs = records(plain, 4, seed=7)
+    assert all(not r.on_policy_mask().any() for r in recs)
+    live = random_draft()
+    only_on_policy = OnlineDistiller(live, DistillConfig(loss=loss, on_policy_ratio=1.0, update_interval=4,
+                                                         holdout_fraction=0.0, lr=1e-2, weight_decay=0.1))
+    before = weights(only_on_policy.draft)
+    (result,) = only_on_policy.add(recs)
+    assert result.loss == 0.0 and result.steps == 0 and result.skipped_steps == 1 and result.on_policy_rows == 0
+    assert all(torch.equal(v, only_on_policy.draft.state_dict()[k]) for k, v in before.items())
+    # Half on-policy: the all-rows half still trains, finitely.
+    mixed = OnlineDistiller(live, DistillConfig(loss=loss, on_policy_ratio=0.5, update_interval=4,
+                                                holdout_fraction=0.0, lr=1e-2))
+    (result,) = mixed.add(recs)
+    assert result.steps == 1 and 0.0 < result.loss < math.inf
+    assert all(torch.isfinite(p).all() for p in mixed.draft.parameters())
+    assert any(not torch.equal(v, mixed.draft.state_dict()[k]) for k, v in before.items())
+
+
+def test_on_policy_ratio_weights_the_on_policy_rows():
+    engine = make_engine(random_draft())
+    recs = records(engine, 3, seed=8)
+    distiller = OnlineDistiller(random_draft(), DistillConfig(update_interval=100, holdout_fraction=0.0))
+    batch = collate(recs, 1024)
+    assert 0 < int(batch.on_policy.sum()) < batch.num_rows  # bonus positions are not on-policy
+
+    with torch.no_grad():
+        logits = student_logits(distiller.draft, batch)
+        teacher = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_logsumexp)
+        on, every = forward_kl(logits, *teacher, batch.on_policy), forward_kl(logits, *teacher)
+    for r in (0.0, 0.3, 1.0):
+        d = OnlineDistiller(random_draft(), DistillConfig(on_policy_ratio=r, lr=1e-9, update_interval=3,
+                                                          holdout_fraction=0.0, batch_size=3))
+        (result,) = d.add(recs)
+        assert result.loss == pytest.approx((1 - r) * float(every) + r * float(on), rel=1e-4)
+
+
+def test_distill_replay_through_redis_and_registry(redis_url, tmp_path):
+    live = random_draft()
+    engine = make_engine(live)
+    registry = DraftRegistry(FileStore(tmp_path / "registry"))
+    cfg = DistillConfig(lr=1e-2, steps_per_update=8, update_interval=4, holdout_fraction=0.25)
+    lines = []
+    with RecordBuffer(BufferConfig(redis_url=redis_url)) as buffer:
+        summary = distill_replay(engine, prompts(12, seed=9), sampling(0), OnlineDistiller(live, cfg),
+                                 PromotionGate.from_config(cfg), buffer, registry, cluster="tiny", window=5,
+                                 log_line=lines.append)
+        stats = buffer.stats("tiny")
+    assert stats.length == 12 and stats.pending == 0 and stats.lag == 0
+    assert summary["requests"] == 12 and summary["updates"] == 3 and summary["promotions"] >= 1
+    assert [w["requests"] for w in summary["windows"]] == [5, 5, 2] and len(lines) == 3
+    manifest = registry.live("tiny")
+    assert manifest is not None and summary["live_version"] == manifest.version
+    assert manifest.gate_alpha is not None and manifest.meta["loss_name"] == "fkl"
+    _, published = registry.get("tiny", manifest.version)
+    served = engine.draft.model.state_dict()
+    assert engine.draft is not live and not engine.draft.training
+    assert published.keys() == served.keys() and all(torch.equal(published[k], served[k]) for k in served)
+    assert any(not torch.equal(v, served[k]) for k, v in live.model.state_dict().items())

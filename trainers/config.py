@@ -1,0 +1,88 @@
+"""Distillation configuration: every knob of the online distiller and its promotion gate.
+
+Defaults follow the OSD reference settings (DESIGN.md § Distillation): forward KL, AdamW
+at a constant lr 1e-4, one update every 8 records.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainers.losses import LOSSES
+
+LossName = Literal["fkl", "rkl", "jsd", "tvd"]
+assert set(LossName.__args__) == set(LOSSES), "keep LossName in step with trainers.losses.LOSSES"
+
+
+class DistillConfig(BaseModel):
+    """How the online distiller trains the draft and when the gate promotes it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- the loss ----------------------------------------------------------------------------
+    loss: LossName = Field(
+        "fkl", description="Divergence between target p and draft q: forward KL, reverse KL, generalized JSD(β) or TVD.")
+    jsd_beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="β of loss='jsd' (TRL semantics: 0 = forward KL, 1 = reverse KL).")
+    distill_temperature: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Temperature both p and q are divided by inside the loss; separate from the serving temperature.")
+    on_policy_ratio: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="r in loss = (1-r)·loss over every teacher row (emitted tokens) + r·loss over on-policy rows "
+                    "(where the draft proposed, up to and including the first rejection). Each term is a mean over "
+                    "its rows; a term with no rows is 0.")
+
+    # -- the optimizer -----------------------------------------------------------------------
+    lr: float = Field(1e-4, gt=0.0, le=10.0, description="Learning rate, constant (as in OSD).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer over the trainable parameters.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 disables clipping.")
+
+    # -- the schedule ------------------------------------------------------------------------
+    update_interval: int = Field(
+        8, ge=1, le=100_000, description="Training records (held-out ones excluded) collected per update.")
+    steps_per_update: int = Field(1, ge=1, le=10_000, description="Optimizer steps per update.")
+    batch_size: int = Field(
+        8, ge=1, le=4096,
+        description="Records per optimizer step; steps cycle through the update's records in a shuffled order.")
+    max_seq_len: int = Field(
+        1024, ge=2, le=1_000_000,
+        description="Longest prompt+output sequence fed to the draft; longer records keep their first output rows "
+                    "and the end of the prompt.")
+    seed: int = Field(0, description="Seed for the batch order.")
+
+    # -- what is trained ---------------------------------------------------------------------
+    mode: Literal["full", "lora"] = Field(
+        "full", description="'full' trains the draft's weights; 'lora' trains peft LoRA adapters only and exports "
+                            "merged weights.")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r (mode='lora').")
+    lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scaling alpha; the update is scaled by alpha / r.")
+    lora_targets: str | list[str] = Field(
+        "all-linear", description="peft target_modules: 'all-linear' (every linear layer but the LM head) or a list "
+                                  "of module names, e.g. ['q_proj', 'v_proj'].")
+    freeze_embeddings: bool = Field(
+        False, description="Keep the input embeddings fixed (mode='full'). With tied embeddings this freezes the LM "
+                           "head too.")
+    freeze_head: bool = Field(
+        False, description="Keep the LM head fixed (mode='full'). With tied embeddings this freezes the embeddings "
+                           "too.")
+
+    # -- the promotion gate ------------------------------------------------------------------
+    holdout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of incoming records set aside (never trained on) for the gate.")
+    holdout_size: int = Field(32, ge=1, le=100_000, description="The gate judges on at most this many recent held-out records.")
+    gate_margin: float = Field(
+        0.0, ge=0.0, le=1.0, description="Promote iff candidate α̂ >= live α̂ - margin on the held-out records.")
+
+    device: str = Field("cpu", description="Torch device the trainable draft lives on, e.g. 'cpu' or 'cuda:0'.")
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if not v or (isinstance(v, list) and not all(v)):
+            raise ValueError("lora_targets must be 'all-linear' or a non-empty list of module names")
+        return v
+
