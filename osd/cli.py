@@ -12,11 +12,19 @@ from pydantic import ValidationError
 from osd.config import EngineConfig, ModelConfig, SamplingParams
 
 
+def parse_layers(text: str) -> int | list[int]:
+    try:
+        return [int(x) for x in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or comma-separated layer indices, got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default="smollm2", help="target model: 'smollm2' (packaged), an HF dir or hub id")
     g.add_argument("--draft", default="self", help="'self' (the target's first layers), 'none', or an HF dir/hub id")
-    g.add_argument("--draft-layers", type=int, default=2, help="decoder layers in the self-draft")
+    g.add_argument("--draft-layers", type=parse_layers, default=2,
+                   help="self-draft layers: a count (first N) or comma-separated target layer indices, e.g. 0,1,28,29")
     g.add_argument("--shortlist", default=None, help="JSON list of token ids for the draft's shortlist LM head")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -65,6 +73,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_config_doc(args) -> int:
+    from osd.config_doc import all_config_models, config_reference
+
+    print(config_reference(all_config_models()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osd", description="Online speculative decoding with draft distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="replay prompts through the engine and distil the draft online")
     add_distill_args(distill)
     distill.set_defaults(func=run_distill_command)
+
+    doc = sub.add_parser("config-doc", help="print the configuration reference (docs/configuration.md) as markdown")
+    doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
     bench.add_argument("which", choices=["spec"], help="spec: engine vs HF generate and assisted generation")

@@ -36,7 +36,15 @@ class ModelConfig(_Strict):
 
     target: str = Field("smollm2", description="Target model: 'smollm2' (packaged), an HF model dir, or a hub id.")
     draft: str = Field("self", description="Draft: 'self' (the target's first layers), 'none', or an HF model dir/hub id.")
-    draft_layers: int = Field(2, ge=1, description="Decoder layers in the self-draft.")
+    draft_layers: int | list[int] = Field(
+        2, description="Self-draft layers: a count (the target's first N) or target layer indices, e.g. [0, 1, 28, 29].")
+
+    @field_validator("draft_layers")
+    @classmethod
+    def _layers(cls, v: int | list[int]) -> int | list[int]:
+        if (isinstance(v, int) and v < 1) or (isinstance(v, list) and (not v or min(v) < 0)):
+            raise ValueError("draft_layers must be a positive count or a non-empty list of layer indices")
+        return v
     shortlist: str | None = Field(None, description="JSON file of token ids for the draft's shortlist LM head; None = full head.")
     device: str = Field("cpu", description="Torch device for both models, e.g. 'cpu' or 'cuda:0'.")
     dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")

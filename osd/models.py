@@ -142,22 +142,30 @@ def transpose_linear_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_self_draft(target: PreTrainedModel, num_layers: int = 2) -> PreTrainedModel:
-    """The target's first `num_layers` decoder layers, final norm and LM head, as an independent copy.
+def build_self_draft(target: PreTrainedModel, layers: int | list[int] = 2) -> PreTrainedModel:
+    """A copy of some of the target's decoder layers plus its final norm and LM head.
 
-    Kangaroo-style: it shares the target's tokenizer and embedding space, so an
-    untrained copy already agrees with the target sometimes; distillation does the rest.
+    `layers` is a count (the first N layers, the default construction) or explicit
+    target layer indices in order, e.g. [0, 1, 28, 29] for early plus late layers.
+    Kangaroo-style: the copy shares the target's tokenizer and embedding space, so an
+    untrained draft already agrees with the target sometimes; distillation does the rest.
     """
     total = target.config.num_hidden_layers
-    if not 1 <= num_layers <= total:
-        raise ValueError(f"draft_layers must be in [1, {total}] for this target, got {num_layers}")
+    picked = list(range(layers)) if isinstance(layers, int) else list(layers)
+    if not picked or any(not 0 <= i < total for i in picked):
+        raise ValueError(f"draft layers must be a count in [1, {total}] or indices in [0, {total - 1}], got {layers}")
     config = copy.deepcopy(target.config)
-    config.num_hidden_layers = num_layers
+    config.num_hidden_layers = len(picked)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:num_layers]
+        config.layer_types = [config.layer_types[i] for i in picked]
     draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
-    # Layers are numbered from 0 in both, so the first `num_layers` keys line up.
-    source = {k: v.clone(memory_format=torch.contiguous_format) for k, v in target.state_dict().items() if (_layer_index(k) or 0) < num_layers}
+    renumber = {old: new for new, old in enumerate(picked)}
+    source = {}
+    for key, value in target.state_dict().items():
+        index = _layer_index(key)
+        if index is None or index in renumber:
+            new_key = key if index is None else key.replace(f"layers.{index}.", f"layers.{renumber[index]}.", 1)
+            source[new_key] = value.clone(memory_format=torch.contiguous_format)  # independent, standard layout
     missing, unexpected = draft.load_state_dict(source, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     if config.tie_word_embeddings:
@@ -231,7 +239,7 @@ def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> No
         )
 
 
-def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers: int = 2,
+def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers: int | list[int] = 2,
                 shortlist: torch.Tensor | None = None) -> DraftModel:
     """The default self-draft, or any HF causal LM sharing the target's tokenizer."""
     if draft is None or draft == "self":

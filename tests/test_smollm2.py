@@ -78,3 +78,14 @@ def test_transposed_weight_layout_keeps_values_and_ties(smollm2):
     plain.tie_weights()
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, target(ids).logits, rtol=1e-4, atol=2e-3)
+
+
+def test_self_draft_from_early_and_late_layers(smollm2):
+    target, _, _ = smollm2
+    draft = build_draft(target, "self", [0, 1, 28, 29])
+    t, d = target.state_dict(), draft.model.state_dict()
+    assert draft.config.num_hidden_layers == 4
+    assert torch.equal(d["model.layers.2.mlp.down_proj.weight"], t["model.layers.28.mlp.down_proj.weight"])
+    assert torch.equal(d["model.layers.3.self_attn.o_proj.weight"], t["model.layers.29.self_attn.o_proj.weight"])
+    with pytest.raises(ValueError, match="draft layers"):
+        build_draft(target, "self", [0, 30])
