@@ -70,6 +70,10 @@ def cmd_bench(args) -> int:
         from osd.bench.spec import run_spec_bench
 
         run_spec_bench(args)
+    elif args.which == "distill":
+        from osd.bench.distill import run_distill_bench_command
+
+        run_distill_bench_command(args)
     return 0
 
 
@@ -107,13 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec"], help="spec: engine vs HF generate and assisted generation")
+    bench.add_argument("which", choices=["spec", "distill"],
+                       help="spec: engine vs HF generate and assisted generation; distill: online distillation on one "
+                            "Spec-Bench category (draft constructions, held-out before/after, learning curve)")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=96)
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: ../shared/data)")
     bench.add_argument("--out", default="bench/results", help="directory for the JSON results")
     bench.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update with the table")
     _add_model_args(bench)
+    from osd.bench.distill import add_bench_distill_args
+
+    add_bench_distill_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -69,6 +69,11 @@ class DistillConfig(BaseModel):
     freeze_head: bool = Field(
         False, description="Keep the LM head fixed (mode='full'). With tied embeddings this freezes the embeddings "
                            "too.")
+    freeze_layers: list[int] = Field(
+        default_factory=list,
+        description="Draft decoder layers to keep fixed (mode='full'), as indices into the draft's own layers, e.g. "
+                    "[0, 1]. With freeze_embeddings and freeze_head this trains only the layers above them and the "
+                    "final norm: a Kangaroo-style adapter on a frozen shallow sub-network.")
 
     # -- the promotion gate ------------------------------------------------------------------
     holdout_fraction: float = Field(
@@ -78,6 +83,13 @@ class DistillConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="Promote iff candidate α̂ >= live α̂ - margin on the held-out records.")
 
     device: str = Field("cpu", description="Torch device the trainable draft lives on, e.g. 'cpu' or 'cuda:0'.")
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _layers_non_negative(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("freeze_layers holds draft layer indices, which start at 0")
+        return sorted(set(v))
 
     @field_validator("lora_targets")
     @classmethod

@@ -152,8 +152,8 @@ class OnlineDistiller:
         self.draft = DraftModel(hf, self._shortlist).train()
         params = [p for p in self.draft.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("nothing to train: every draft parameter is frozen; unset freeze_embeddings/freeze_head "
-                             "or use mode='lora'")
+            raise ValueError("nothing to train: every draft parameter is frozen; unset freeze_embeddings/freeze_head/"
+                             "freeze_layers or use mode='lora'")
         self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
                           if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self._params = params
@@ -167,8 +167,15 @@ class OnlineDistiller:
         self.duplicates = 0
 
     def _freeze(self, hf: nn.Module) -> None:
-        """Full mode: freeze embeddings / head by parameter identity, so a tied pair stays consistent."""
+        """Full mode: freeze embeddings / head / layers by parameter identity, so a tied pair stays consistent."""
         frozen = set()
+        if self.config.freeze_layers:
+            layers = hf.get_decoder().layers
+            if max(self.config.freeze_layers) >= len(layers):
+                raise ValueError(f"freeze_layers {self.config.freeze_layers} names a layer the draft lacks: it has "
+                                 f"{len(layers)} decoder layers, indexed from 0")
+            for i in self.config.freeze_layers:
+                frozen |= {id(p) for p in layers[i].parameters()}
         if self.config.freeze_embeddings:
             frozen |= {id(p) for p in hf.get_input_embeddings().parameters()}
         if self.config.freeze_head:
