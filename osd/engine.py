@@ -9,6 +9,7 @@ plain decoding, so the engine without a draft is the honest baseline.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ from osd.models import (DraftModel, build_draft, load_causal_lm, load_shortlist,
 from osd.records import DraftRound, TrainingRecord
 from osd.sampling import warp_probs
 from osd.verification import Verdict, overlap, verify_greedy, verify_sampled
+
+
+LIVE_DRAFT = object()  # generate()'s default: whatever draft the engine holds when the request starts
 
 
 class RequestError(ValueError):
@@ -119,9 +123,19 @@ class SpeculativeEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, draft_version: int = 0,
-                 cluster: str = "global") -> Generation:
+                 cluster: str = "global", on_tokens: Callable[[list[int]], None] | None = None,
+                 draft: DraftModel | None | object = LIVE_DRAFT) -> Generation:
+        """Decode one request. `on_tokens` (for streaming) gets each round's newly committed ids.
+
+        `draft` overrides the engine's live draft for this request (None: no draft), so a
+        caller that swaps drafts can hand over the draft and its version as one pair.
+
+        Streamed ids may run past the final output by up to one round: the returned
+        Generation is cut at EOS, a stop string or max_tokens, and is the truth.
+        """
         self.validate(prompt_ids, params)
-        draft = self.draft  # read once: a concurrent swap never changes a running request's draft
+        # Read once: a concurrent swap never changes a running request's draft.
+        draft = self.draft if draft is LIVE_DRAFT else draft
         start = time.perf_counter()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
@@ -143,6 +157,8 @@ class SpeculativeEngine:
                 rounds.append(DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted))
                 drafter.rollback(len(tokens) + len(new_tokens))
             tokens.extend(new_tokens)
+            if on_tokens is not None:
+                on_tokens(new_tokens)
             crop_cache(cache, len(tokens) - 1)
             assert cache.get_seq_length() == len(tokens) - 1, "target cache out of step with committed tokens"
             finish = self._finish_reason(tokens, len(prompt_ids), params)

@@ -209,3 +209,13 @@ def test_bad_requests_are_clear_errors():
 def test_bad_sampling_params(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_on_tokens_streams_every_committed_token():
+    target, _ = tiny_pair(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.3), EngineConfig(gamma=3))
+    streamed = []
+    out = engine.generate([1, 2, 3], SamplingParams(max_tokens=20), on_tokens=streamed.append)
+    flat = [t for chunk in streamed for t in chunk]
+    assert flat[: len(out.output_ids)] == out.output_ids
+    assert len(streamed) == out.stats.target_forwards  # one callback per round
