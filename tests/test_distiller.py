@@ -89,13 +89,17 @@ def test_student_rows_line_up_with_teacher_rows():
     recs = records(engine, 4, seed=3)
     same = DraftModel(copy.deepcopy(engine.target))
     assert PromotionGate(batch_size=3).evaluate(same, recs) == pytest.approx(1.0, abs=1e-3)
-    # Training logits are exactly what the draft serves, shortlist head included (-inf outside it).
+    # Gate logits are exactly what the draft serves, shortlist head included (-inf outside it);
+    # training logits use the full head, so forward KL stays finite outside the shortlist.
     short = DraftModel(tiny_llama(V, 1, seed=1, sharpness=SHARP), shortlist=torch.arange(0, V, 2))
     batch = collate(recs, max_seq_len=1024)
     with torch.no_grad():
         served = torch.cat([short(torch.tensor([r.prompt_ids + r.output_ids[:-1]]))[0, len(r.prompt_ids) - 1:]
                             for r in recs])
         assert torch.allclose(student_logits(short, batch), served, atol=1e-5)
+        full = torch.cat([short.model(torch.tensor([r.prompt_ids + r.output_ids[:-1]])).logits[0, len(r.prompt_ids) - 1:]
+                          for r in recs])
+        assert torch.allclose(student_logits(short, batch, use_shortlist=False), full, atol=1e-5)
     # Truncation keeps the first rows and as much prompt as still fits (here one token).
     batch = collate(recs, max_seq_len=6)
     assert batch.input_ids.shape[1] == 6 and batch.num_rows == 6 * len(recs)
@@ -210,3 +214,12 @@ def test_distill_replay_through_redis_and_registry(redis_url, tmp_path):
     assert engine.draft is not live and not engine.draft.training
     assert published.keys() == served.keys() and all(torch.equal(published[k], served[k]) for k in served)
     assert any(not torch.equal(v, served[k]) for k, v in live.model.state_dict().items())
+
+
+def test_shortlist_draft_trains_with_a_finite_loss():
+    engine = make_engine(random_draft())
+    recs = records(engine, 8, seed=5)
+    short = DraftModel(tiny_llama(V, 1, seed=1, sharpness=SHARP), shortlist=torch.arange(0, V, 2))
+    distiller = OnlineDistiller(short, DistillConfig(update_interval=8, holdout_fraction=0.0, lr=1e-3))
+    results = distiller.add(recs)
+    assert results and all(math.isfinite(r.loss) for r in results)

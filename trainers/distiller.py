@@ -96,8 +96,13 @@ def collate(records: Sequence[TrainingRecord], max_seq_len: int, device: str | t
                  cat(pol))
 
 
-def student_logits(draft: DraftModel, batch: Batch) -> Tensor:
+def student_logits(draft: DraftModel, batch: Batch, use_shortlist: bool = True) -> Tensor:
     """The draft's logits [N, V] (fp32) at the batch's teacher rows.
+
+    Training passes use_shortlist=False: the shortlist is a serving-time saving, and
+    training the full head keeps forward KL finite when the teacher's top-k reaches
+    outside the shortlist (q = 0 there would make the loss infinite). The gate scores
+    the draft as it is served, shortlist included.
 
     The LM head runs on those N positions only, not on all B·S (the prompt positions are
     most of them, and a 49152-row head is most of a small draft's cost). A shortlist
@@ -107,7 +112,7 @@ def student_logits(draft: DraftModel, batch: Batch) -> Tensor:
     hidden = hf.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     hidden = hidden[batch.row_batch, batch.row_pos]  # [N, H]
     head = hf.get_output_embeddings()
-    if draft.shortlist is None:
+    if draft.shortlist is None or not use_shortlist:
         return head(hidden).float()
     if isinstance(head, nn.Linear) and head.bias is None:
         short = (hidden @ head.weight[draft.shortlist].T).float()  # [N, K]
@@ -256,7 +261,7 @@ class OnlineDistiller:
         r = cfg.on_policy_ratio
         if batch is None or (r == 1.0 and not batch.on_policy.any()):
             return None  # no forward at all: nothing would carry weight
-        logits = student_logits(self.draft, batch)  # [N, V]
+        logits = student_logits(self.draft, batch, use_shortlist=False)  # [N, V], full head
         teacher = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_logsumexp)
         kw = dict(beta=cfg.jsd_beta, temperature=cfg.distill_temperature)
         loss = logits.new_zeros(())
