@@ -38,13 +38,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from osd.bench.report import environment, table, update_doc_section, write_json
 from osd.bench.spec import forward_cost_curve
 from osd.codec import decode_record, encode_record
 from osd.config import EngineConfig, SamplingParams
-from osd.drafting import crop_cache
 from osd.engine import SpeculativeEngine
 from osd.models import DraftModel, build_self_draft
 from osd.records import TrainingRecord
@@ -273,24 +272,9 @@ def score_draft(draft: DraftModel, records: Sequence[TrainingRecord], batch_size
     return {"alpha_hat": alpha / rows, "top1": top1 / rows, "top4": top4 / rows, "rows": rows}
 
 
-@torch.inference_mode()
-def draft_step_ms(draft: DraftModel, context: int = 200, reps: int = 20) -> float:
-    """Median ms of one 1-token draft forward on a `context`-token KV cache (as Drafter runs it)."""
-    device = next(draft.parameters()).device
-    vocab = draft.vocab_size
-    cache = DynamicCache(config=draft.config)
-    draft(torch.randint(0, vocab, (1, context), device=device), past_key_values=cache, logits_to_keep=1)
-    times = []
-    for i in range(reps + 2):
-        ids = torch.randint(0, vocab, (1, 1), device=device)
-        start = time.perf_counter()
-        draft(ids, past_key_values=cache, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-        crop_cache(cache, context)
-    return statistics.median(times) * 1000
+def draft_step_ms(draft: DraftModel, context: int = 200, reps: int = 40) -> float:
+    """ms of one 1-token draft forward on a `context`-token KV cache, as the Drafter runs it."""
+    return forward_cost_curve(draft, ks=(1,), context=context, reps=reps)[1]
 
 
 def expected_tokens_per_round(alpha: float, gamma: int) -> float:
