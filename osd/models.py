@@ -11,10 +11,12 @@ target or draft.
 from __future__ import annotations
 
 import copy
+import fcntl
 import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,7 +75,8 @@ def convert_packaged_smollm2(dest: Path) -> Path:
     fresh.tie_weights()
     steps.update()
     steps.set_postfix_str("writing safetensors")
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run of this pid
     fresh.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     steps.update()
@@ -89,7 +92,11 @@ def resolve_model_path(name: str) -> str:
         dest = cache_dir() / "smollm2-135m-instruct"
         if not (dest / "config.json").exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            convert_packaged_smollm2(dest)
+            # Replicas and the trainer may start at once: one converts, the others wait.
+            with open(dest.parent / (dest.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (dest / "config.json").exists():
+                    convert_packaged_smollm2(dest)
         return str(dest)
     path = Path(name).expanduser()
     if path.exists():

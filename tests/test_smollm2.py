@@ -89,3 +89,19 @@ def test_self_draft_from_early_and_late_layers(smollm2):
     assert torch.equal(d["model.layers.3.self_attn.o_proj.weight"], t["model.layers.29.self_attn.o_proj.weight"])
     with pytest.raises(ValueError, match="draft layers"):
         build_draft(target, "self", [0, 30])
+
+
+def test_concurrent_first_use_converts_once(tmp_path):
+    """A replica and the trainer starting together must not trip over one conversion."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OSD_CACHE_DIR": str(tmp_path)}
+    code = "from osd.models import resolve_model_path; print(resolve_model_path('smollm2'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert results[0][0].strip() == results[1][0].strip() == str(tmp_path / "smollm2-135m-instruct")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["smollm2-135m-instruct", "smollm2-135m-instruct.lock"]
