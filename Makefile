@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run bench clean
+.PHONY: setup test test-fast run stop generate bench bench-distill clean
 
 setup: $(STAMP)
 
@@ -24,11 +24,24 @@ test: setup
 test-fast: setup  ## everything but the SmolLM2 integration tests
 	$(PY) -m pytest -m "not smollm2"
 
-run: setup
+run: setup  ## Redis + Ray head + the Serve app on loopback, then a short replay so there is traffic
+	deploy/up.sh
+	$(VENV)/bin/osd replay --limit 6 --max-tokens 48
+	@echo
+	@echo "osd is running: API http://127.0.0.1:8000/v1 (OpenAI-compatible), metrics http://127.0.0.1:8000/metrics,"
+	@echo "Ray dashboard http://127.0.0.1:8265. Send more: .venv/bin/osd replay --limit 20. Stop it: make stop"
+
+stop:
+	deploy/down.sh
+
+generate: setup  ## one prompt through the engine, no service
 	$(VENV)/bin/osd generate "Explain in two sentences why the sky is blue." --max-tokens 64
 
 bench: setup
 	$(VENV)/bin/osd bench spec
+
+bench-distill: setup
+	$(VENV)/bin/osd bench distill
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_args(distill)
     distill.set_defaults(func=run_distill_command)
 
+    from osd.client import add_replay_args
+
+    add_replay_args(sub.add_parser("replay", help="send Spec-Bench questions to a running endpoint and print stats"))
+
     doc = sub.add_parser("config-doc", help="print the configuration reference (docs/configuration.md) as markdown")
     doc.set_defaults(func=cmd_config_doc)
 

@@ -19,9 +19,11 @@ def config_reference(models: list[type[BaseModel]]) -> str:
 
 
 def all_config_models() -> list[type[BaseModel]]:
+    from actors.config import OsdAppConfig, TrainerSettings
     from osd.buffer import BufferConfig
     from osd.config import EngineConfig, ModelConfig, SamplingParams
     from osd.registry import RegistryConfig
     from trainers.config import DistillConfig
 
-    return [ModelConfig, EngineConfig, SamplingParams, BufferConfig, RegistryConfig, DistillConfig]
+    return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, SamplingParams, BufferConfig, RegistryConfig,
+            DistillConfig]

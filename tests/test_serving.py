@@ -431,3 +431,13 @@ def test_oversized_body_is_refused_before_reading(stack):
         r = small.post("/v1/completions", json={"prompt": "x" * 2000})
         assert r.status_code == 413 and "limit is 1000" in r.json()["error"]["message"]
         assert small.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_replay_client_reports_what_the_endpoint_served(stack):
+    from osd.client import replay
+
+    questions = [{"question_id": i, "category": c, "turns": [text]}
+                 for i, (c, text) in enumerate([("qa", "abc"), ("math", "hello there")])]
+    results = replay(str(stack["http"].base_url), questions, max_tokens=8)
+    assert [r["question_id"] for r in results] == [0, 1]
+    assert all(1 <= r["tokens"] <= 8 and r["draft_version"] is not None and r["tokens_per_s"] > 0 for r in results)

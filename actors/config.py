@@ -1,0 +1,111 @@
+"""The osd Serve application's configuration: one JSON-able dict, the ``args`` of the Serve config.
+
+``serve deploy`` passes ``applications[].args`` to ``actors.serve_app:app_builder``, which
+validates it as :class:`OsdAppConfig`; every replica and the trainer actor re-validate the
+same dict, so a typo fails the deploy with the field's name instead of a replica crash loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from osd.buffer import BufferConfig
+from osd.config import EngineConfig, ModelConfig
+from osd.registry import _CLUSTER_RE, RegistryConfig
+from trainers.config import DistillConfig
+
+ADMIN_TOKEN_ENV = "OSD_ADMIN_TOKEN"
+REDIS_URL_ENV = "OSD_REDIS_URL"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainerSettings(_Strict):
+    """Where the trainer actor runs and when it trains."""
+
+    enabled: bool = Field(True, description="Run the trainer actor (online distillation) beside the replicas.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved for the trainer actor; fractional is fine.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved for the trainer actor; set distill.device='cuda' to use them.")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads in the trainer (Ray sets OMP_NUM_THREADS from num_cpus; this wins).")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="How long one buffer read blocks, and how long a busy or paused trainer sleeps between load checks.")
+    read_count: int = Field(16, ge=1, le=4096, description="Records read from the buffer per read.")
+    pause_when_busy: bool = Field(True, description="Pause training while serving is busy (see busy_threshold).")
+    busy_threshold: int = Field(1, ge=1, description="Serving is busy while running + waiting requests summed over all replicas >= this.")
+    max_pause_s: float | None = Field(60.0, gt=0, description="Train anyway after pausing this long in a row (a starvation guard under steady traffic); None pauses as long as serving is busy.")
+    load_timeout_s: float = Field(2.0, gt=0, le=60, description="Bound on asking the replicas for their load; on failure the trainer assumes serving is idle.")
+    flush_idle_s: float | None = Field(10.0, gt=0, description="With no new record for this long, train on the records waiting (fewer than distill.update_interval) so they are acked; None waits for a full update.")
+    reclaim_interval_s: float = Field(30.0, gt=0, description="How often to XAUTOCLAIM entries other (dead) trainers left pending longer than buffer.claim_idle_ms.")
+    consumer: str | None = Field(None, description="Consumer name in the buffer's group; None = 'trainer-<cluster>'. Stable, so a restarted trainer re-reads its own pending entries.")
+
+
+class OsdAppConfig(_Strict):
+    """Everything the osd Serve application (replicas + trainer) needs; the Serve config's ``args``."""
+
+    model_name: str = Field("osd", min_length=1, description="Model name clients send as `model` (GET /v1/models).")
+    models: ModelConfig = Field(default_factory=ModelConfig, description="Target and draft to load (models.torch_threads is overridden by replica_torch_threads / trainer.torch_threads).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Speculative decoding knobs.")
+    redis_url: str | None = Field(None, description=f"redis://host:port/db of the record buffer (and, with registry None, of the draft registry); None = ${REDIS_URL_ENV} in each replica's and the trainer's environment (keeps a password out of the Serve config). One of them is required: replicas are many processes and cannot each start an embedded Redis, so deploy/up.sh starts one and passes its URL.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="Record buffer settings; its redis_url is taken from redis_url.")
+    registry: RegistryConfig | None = Field(None, description="Draft registry; None = backend 'redis' on redis_url (every node of a Ray cluster reaches it). A file registry needs a path all replicas share.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Online distillation and promotion gate settings.")
+    cluster: str = Field("global", description="Query cluster the trainer distils (its buffer stream and registry lineage); replicas serve every cluster the registry holds.")
+    admin_token: str | None = Field(None, description=f"Bearer token for state-changing /admin routes; None = ${ADMIN_TOKEN_ENV} in the replica's environment, else no auth.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (413 above); None = the target's context window - 1.")
+    num_replicas: int = Field(1, ge=1, le=1024, description="Serving replicas, each holding the target and the live drafts.")
+    replica_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica; fractional is fine.")
+    replica_num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (set models.device='cuda' to use them).")
+    replica_torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per replica (Ray sets OMP_NUM_THREADS from num_cpus; this wins).")
+    max_ongoing_requests: int = Field(16, ge=1, le=32, description="Requests Serve hands one replica at once; they queue for its engine (one generation at a time). Keep below 40, the HTTP thread pool.")
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings, description="The trainer actor.")
+    draft_poll_interval_s: float = Field(2.0, gt=0, le=3600, description="How often each replica checks the registry for a live draft version other than its own (newer, or older after a rollback).")
+    spool_dir: str | None = Field(None, description="Directory for records spooled while Redis is down; each replica claims its own replica-<i> subdirectory, so a restarted replica pushes what its predecessor left. None = memory only.")
+    recorder_capacity: int = Field(10_000, ge=1, description="Records a replica holds for the buffer (queue + spool) before dropping the oldest (counted in /metrics).")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_name(cls, v: str) -> str:
+        if not _CLUSTER_RE.match(v):
+            raise ValueError(f"invalid cluster name {v!r}: use 1-128 characters from [A-Za-z0-9_.-]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_redis_url(self) -> OsdAppConfig:
+        if self.buffer.redis_url is not None:
+            if self.redis_url not in (None, self.buffer.redis_url):
+                raise ValueError("redis_url and buffer.redis_url differ; set only redis_url")
+            self.redis_url = self.buffer.redis_url
+        return self
+
+    # -- what the pieces are built from ----------------------------------------------------------
+
+    def require_redis_url(self) -> str:
+        """redis_url, else $OSD_REDIS_URL of this process; raises if neither is set."""
+        url = self.redis_url or os.environ.get(REDIS_URL_ENV)
+        if not url:
+            raise ValueError(f"osd's Serve app needs redis_url (redis://host:port/db) in its args or ${REDIS_URL_ENV} "
+                             "in the environment: deploy/up.sh starts an embedded Redis and passes its URL; on a "
+                             "cluster, point it at a Redis every node reaches")
+        return url
+
+    def buffer_config(self) -> BufferConfig:
+        return self.buffer.model_copy(update={"redis_url": self.require_redis_url()})
+
+    def registry_config(self) -> RegistryConfig:
+        if self.registry is not None:
+            return self.registry
+        return RegistryConfig(backend="redis", redis_url=self.require_redis_url())
+
+    def resolved_admin_token(self) -> str | None:
+        """The configured token, else $OSD_ADMIN_TOKEN of this process (empty = none)."""
+        return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    def consumer_name(self) -> str:
+        return self.trainer.consumer or f"trainer-{self.cluster}"
+
+    def spool_root(self) -> Path | None:
+        return Path(self.spool_dir).expanduser() if self.spool_dir else None

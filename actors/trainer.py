@@ -1,0 +1,451 @@
+"""The trainer: the online distiller fed from the Redis buffer, as a restartable Ray actor.
+
+``TrainerLoop`` is plain Python (no Ray; tested without a Ray session): it reads training
+records through the buffer's consumer group, feeds ``trainers.distiller.OnlineDistiller``,
+asks ``trainers.gate.PromotionGate`` after every update and publishes promoted drafts to
+the registry (parent = the live version), exactly as ``trainers.replay`` does in one
+process. ``TrainerActor`` is the thin Ray wrapper that runs the loop on a thread.
+
+Delivery and restarts (DESIGN.md § Redis buffer):
+
+- An entry is acked only once it is *settled*: trained on, or set aside as held-out.
+  Records waiting for the next update stay pending in Redis, so a crash loses none of them.
+- The consumer name is stable (``trainer-<cluster>``): a restarted actor first re-reads its
+  own pending entries (XREADGROUP from ID 0), then reads new ones. Entries another consumer
+  left pending longer than ``buffer.claim_idle_ms`` are taken over with XAUTOCLAIM.
+- Delivery is at least once; the distiller drops redelivered request ids it has seen.
+
+Spare capacity: with ``pause_when_busy`` the loop asks ``load()`` (in Ray: every replica's
+running + waiting requests, via the Serve handle) before each read and sleeps while serving
+is busy. Training then competes with serving only when serving is idle. After publishing a
+promoted draft it broadcasts ``sync_drafts`` to the replicas; one that misses the broadcast
+(starting, restarting) loads the draft at its next registry poll or in its constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import ray
+import torch
+from ray import serve
+
+from actors.config import OsdAppConfig, TrainerSettings
+from osd.buffer import BufferUnavailable, Entry, RecordBuffer
+from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, parse_dtype
+from osd.registry import DraftRegistry
+from trainers.config import DistillConfig
+from trainers.distiller import OnlineDistiller, UpdateResult
+from trainers.gate import PromotionGate
+from trainers.replay import _Live, _promote, load_live_draft
+
+log = logging.getLogger(__name__)
+
+TRAINER_NAMESPACE = "osd"
+
+
+def trainer_actor_name(app_name: str) -> str:
+    """The trainer actor's name (namespace TRAINER_NAMESPACE) for a Serve application."""
+    return f"osd-trainer-{app_name}"
+
+
+class SimulatedCrash(BaseException):
+    """Raised by the default crash hook: a BaseException, so the loop does not catch it as an error."""
+
+
+def _raise_crash() -> None:
+    raise SimulatedCrash("crash_after_next_read: simulated trainer death before acking")
+
+
+# --------------------------------------------------------------------------- buffer helpers
+
+
+def read_own_pending(buffer: RecordBuffer, consumer: str, cluster: str, count: int,
+                     after: str = "0") -> tuple[list[Entry], str | None]:
+    """Entries already delivered to ``consumer`` and not yet acked, with ids after ``after``
+    (XREADGROUP from an ID, not ``>``): what a restarted consumer must redo first.
+
+    Returns (decoded entries, the last id returned — the next call's ``after`` — or None when
+    none are left). Trimmed and undecodable entries are acked / dead-lettered as in ``read``.
+
+    Belongs in RecordBuffer (as ``read(..., pending=True)``); it uses its internals meanwhile.
+    """
+    key = buffer._key(cluster)
+    with buffer._available("read pending"):
+        buffer._ensure_group(key)
+        reply = buffer._redis.xreadgroup(buffer.config.group, consumer, {key: after}, count=count) or []
+        out: list[Entry] = []
+        last = None
+        for stream_key, entries in reply:
+            if entries:
+                last = entries[-1][0]
+                out += buffer._decode_entries(stream_key, entries, consumer)
+    return out, (last.decode() if isinstance(last, bytes) else last)
+
+
+def build_draft_template(models) -> DraftModel:
+    """The draft as a replica builds it (same construction, so registry drafts fit), without keeping the target."""
+    if models.draft == "none":
+        raise ValueError("the trainer needs a draft to distil: set models.draft to 'self' or a model, not 'none'")
+    target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
+    shortlist = load_shortlist(models.shortlist) if models.shortlist else None
+    draft = build_draft(target, models.draft, models.draft_layers, shortlist)
+    del target
+    return draft
+
+
+@dataclass
+class _DraftHolder:
+    """What trainers.replay's load_live_draft / _promote read and replace: ``.draft``, the live draft."""
+
+    draft: DraftModel
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class TrainerLoop:
+    """Buffer → distiller → gate → registry, with pause-while-busy; see the module docstring.
+
+    ``load`` returns running + waiting requests over all replicas (None if unknown: then
+    serving counts as idle); ``on_publish(version)`` runs after each promotion. ``crash`` is
+    what ``arm_crash`` fires after the next read that returned entries, once they are fed (an
+    update may have run) and before they are acked.
+    """
+
+    def __init__(self, draft: DraftModel, buffer: RecordBuffer, registry: DraftRegistry,
+                 distill: DistillConfig | None = None, settings: TrainerSettings | None = None, *,
+                 cluster: str = "global", consumer: str | None = None,
+                 load: Callable[[], int | None] | None = None, on_publish: Callable[[int], None] | None = None,
+                 crash: Callable[[], None] = _raise_crash, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings or TrainerSettings()
+        self.distill = distill or DistillConfig()
+        self.buffer, self.registry, self.cluster = buffer, registry, cluster
+        self.consumer = consumer or f"trainer-{cluster}"
+        self.load, self.on_publish, self.crash, self.clock = load, on_publish, crash, clock
+        self.holder = _DraftHolder(draft)
+        self.live = _Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve
+        self.distiller = OnlineDistiller(self.holder.draft, self.distill)
+        self.gate = PromotionGate.from_config(self.distill)
+        sock_ms = int(buffer.config.socket_timeout_s * 1000)
+        self.block_ms = max(1, min(int(self.settings.poll_interval_s * 1000), sock_ms - 100))
+        self._unacked: list[tuple[str, str]] = []  # (entry id, request id), oldest first
+        self._unacked_ids: set[str] = set()
+        self._recovering, self._cursor = True, "0"
+        self._last_reclaim = float("-inf")
+        self._last_record_at = clock()
+        self._paused_since: float | None = None
+        self._operator_paused = False
+        self._crash_armed = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # counters are read by status() from another thread
+        self._step_lock = threading.Lock()  # held for one step: pause() waits for the step in flight
+        self.counters = dict(records_read=0, records_recovered=0, records_reclaimed=0, records_trained=0, acked=0,
+                             updates=0, promotions=0, rejections=0, errors=0)
+        self.paused_s = 0.0
+        self.last_load: int | None = None
+        self.last_gate: dict | None = None
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_config(cls, config: OsdAppConfig, **kwargs) -> TrainerLoop:
+        draft = build_draft_template(config.models)
+        return cls(draft, RecordBuffer(config.buffer_config()), DraftRegistry.from_config(config.registry_config()),
+                   config.distill, config.trainer, cluster=config.cluster, consumer=config.consumer_name(), **kwargs)
+
+    # -- control (any thread) ------------------------------------------------------------------
+
+    def pause(self, wait_s: float = 60.0) -> bool:
+        """Stop training; returns once the step in flight (a read, maybe an update) is done, so no
+        read starts after this returns. False if that step outlasted ``wait_s``."""
+        self._operator_paused = True
+        if not self._step_lock.acquire(timeout=wait_s):
+            return False
+        self._step_lock.release()
+        return True
+
+    def resume(self) -> None:
+        self._operator_paused = False
+
+    def arm_crash(self) -> None:
+        self._crash_armed = True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Step until ``stop()``; buffer or registry outages back off and retry, never end the loop."""
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = 0.1
+            except SimulatedCrash:
+                raise
+            except Exception as e:  # Redis down, registry unreadable, a bad record...: keep going
+                transient = isinstance(e, (BufferUnavailable, OSError)) or type(e).__module__.startswith("redis")
+                with self._lock:
+                    self.counters["errors"] += 1
+                    self.last_error = f"{type(e).__name__}: {e}"
+                if transient:
+                    log.warning("trainer: %s; retrying in %.1fs", e, backoff)
+                else:
+                    log.exception("trainer step failed; retrying in %.1fs", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def step(self) -> int:
+        """One iteration: maybe pause, read, train, gate, ack. Returns the records read."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> int:
+        now = self.clock()
+        if self._operator_paused or self._busy(now):
+            self._stop.wait(self.settings.poll_interval_s)
+            return 0
+        entries = self._next_entries(now)
+        if entries:
+            with self._lock:
+                self.counters["records_read"] += len(entries)
+            self._unacked += [(eid, rec.request_id) for eid, rec in entries]
+            self._unacked_ids.update(eid for eid, _ in entries)
+            for result in self.distiller.add([rec for _, rec in entries]):
+                self._on_update(result)
+            if self._crash_armed:
+                self._crash_armed = False
+                log.warning("trainer: simulated crash with %d record(s) unacked", len(self._unacked))
+                self.crash()
+            self._ack_settled()
+            self._last_record_at = self.clock()
+            return len(entries)
+        idle = self.settings.flush_idle_s
+        if idle is not None and self.distiller.pending_records and now - self._last_record_at >= idle:
+            if (result := self.distiller.maybe_update(force=True)) is not None:
+                self._on_update(result)
+            self._ack_settled()
+        return 0
+
+    def _busy(self, now: float) -> bool:
+        s = self.settings
+        if not s.pause_when_busy or self.load is None:
+            return False
+        load = self.load()
+        self.last_load = load
+        busy = load is not None and load >= s.busy_threshold
+        if busy and self._paused_since is None:
+            self._paused_since = now
+        if busy and s.max_pause_s is not None and now - self._paused_since >= s.max_pause_s:
+            busy = False  # starvation guard: one step, then the pause starts over
+        if not busy and self._paused_since is not None:
+            with self._lock:
+                self.paused_s += now - self._paused_since
+            self._paused_since = None
+        return busy
+
+    def _next_entries(self, now: float) -> list[Entry]:
+        count = self.settings.read_count
+        if self._recovering:  # our own entries from before a restart come first
+            entries, last = read_own_pending(self.buffer, self.consumer, self.cluster, count, self._cursor)
+            if last is None:
+                self._recovering = False
+            else:
+                self._cursor = last
+                entries = [e for e in entries if e[0] not in self._unacked_ids]
+                with self._lock:
+                    self.counters["records_recovered"] += len(entries)
+                if entries:
+                    log.info("trainer: re-read %d pending record(s) left by an earlier run of %s", len(entries),
+                             self.consumer)
+                return entries
+        if now - self._last_reclaim >= self.settings.reclaim_interval_s:
+            self._last_reclaim = now
+            # XAUTOCLAIM also hands back our own unsettled entries once they idle long enough: skip those.
+            entries = [e for e in self.buffer.reclaim(self.consumer, count, clusters=[self.cluster])
+                       if e[0] not in self._unacked_ids]
+            if entries:
+                with self._lock:
+                    self.counters["records_reclaimed"] += len(entries)
+                log.info("trainer: reclaimed %d record(s) another consumer left pending", len(entries))
+                return entries
+        return self.buffer.read(self.consumer, count, self.block_ms, clusters=[self.cluster])
+
+    def _on_update(self, result: UpdateResult) -> None:
+        self._follow_registry()
+        decision = self.gate.decide(self.distiller.draft, self.holder.draft, self.distiller.holdout)
+        if decision.promote:
+            _promote(self.holder, self.distiller, self.registry, self.cluster, self.live, result, decision)
+            if self.on_publish is not None:
+                self.on_publish(self.live.version)  # broadcast; replicas that miss it find it at their next poll
+        with self._lock:
+            self.counters["updates"] += 1
+            self.counters["records_trained"] += result.records
+            self.counters["promotions" if decision.promote else "rejections"] += 1
+            self.last_gate = {**asdict(decision), "update": result.update, "loss": result.loss,
+                              "version": self.live.version if decision.promote else None}
+        log.info("trainer update %d: loss %.4f, %s%s", result.update, result.loss, decision.reason,
+                 f" -> published v{self.live.version}" if decision.promote else "")
+
+    def _follow_registry(self) -> None:
+        """Judge against, and publish on top of, the registry's live version, even if someone else
+        (an admin rollback) moved it since our last promotion."""
+        manifest = self.registry.live(self.cluster)
+        version = manifest.version if manifest else 0
+        if version == self.live.version:
+            return
+        if manifest is None:  # the registry lost its lineage (e.g. a flushed Redis): start one afresh
+            log.warning("trainer: the registry has no live draft for %r any more; next promotion starts its lineage",
+                        self.cluster)
+        else:
+            log.info("trainer: registry live moved v%d -> v%d; gating against it", self.live.version, version)
+            load_live_draft(self.holder, self.registry, self.cluster)
+        self.live.version = version
+
+    def _ack_settled(self) -> None:
+        # Ack only what the distiller no longer holds as pending: trained on, or held out.
+        waiting = {r.request_id for r in self.distiller.pending_records}
+        done = [eid for eid, rid in self._unacked if rid not in waiting]
+        if not done:
+            return
+        acked = self.buffer.ack(self.cluster, done)  # raises if Redis is down: the list stays, retried next step
+        self._unacked = [(eid, rid) for eid, rid in self._unacked if rid in waiting]
+        self._unacked_ids.difference_update(done)
+        with self._lock:
+            self.counters["acked"] += acked
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._lock:
+            counters = dict(self.counters)
+            paused_s = self.paused_s + (self.clock() - self._paused_since if self._paused_since is not None else 0.0)
+            last_gate, last_error = self.last_gate, self.last_error
+        pending = len(self.distiller.pending_records)
+        return {
+            **counters,
+            "cluster": self.cluster, "consumer": self.consumer, "live_version": self.live.version,
+            "records_held_out": max(0, self.distiller.records_seen - counters["records_trained"] - pending),
+            "records_pending": pending, "unacked": len(self._unacked), "duplicates": self.distiller.duplicates,
+            "paused": self._operator_paused or self._paused_since is not None,
+            "pause_reason": ("operator" if self._operator_paused
+                             else "busy" if self._paused_since is not None else None),
+            "paused_s": paused_s, "last_load": self.last_load, "recovering": self._recovering,
+            "last_gate": last_gate, "last_error": last_error,
+        }
+
+    def close(self) -> None:
+        self.stop()
+        self.buffer.close()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+class ServingReplicas:
+    """The Serve deployment as the trainer sees it (through ``DeploymentHandle.broadcast``): its
+    load, for pause-while-busy, and a nudge to load a draft just published. Failures are logged
+    once per streak and never raised: the replicas' own registry poll is the safety net."""
+
+    def __init__(self, app_name: str, deployment: str, timeout_s: float) -> None:
+        self.app_name, self.deployment, self.timeout_s = app_name, deployment, timeout_s
+        self._handle = None
+        self._failing: set[str] = set()
+
+    def _broadcast(self, method: str) -> list | None:
+        try:
+            if self._handle is None:
+                self._handle = serve.get_deployment_handle(self.deployment, self.app_name)
+            results = self._handle.broadcast(method).results(timeout_s=self.timeout_s, return_exceptions=True)
+        except Exception as e:  # Serve restarting, app gone...
+            if method not in self._failing:
+                log.warning("trainer: %s on the replicas failed (%s: %s)", method, type(e).__name__, e)
+            self._failing.add(method)
+            return None
+        self._failing.discard(method)
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def load(self) -> int | None:
+        """Running + waiting requests summed over the replicas; None (serving counts as idle) if none answered."""
+        loads = [r for r in self._broadcast("load") or [] if isinstance(r, dict)]
+        return sum(int(r["running"]) + int(r["waiting"]) for r in loads) if loads else None
+
+    def sync_drafts(self, version: int) -> None:
+        """Ask every live replica to load the registry's live drafts now rather than at its next poll."""
+        self._broadcast("sync_drafts")
+
+
+def _die() -> None:
+    # A hard exit, like an OOM kill: no cleanup, no acks; Ray restarts the actor (max_restarts=-1).
+    os._exit(1)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class TrainerActor:
+    """Runs a TrainerLoop on a thread. ``config`` is an OsdAppConfig dict; ``app_name`` and
+    ``server_deployment`` name the Serve deployment whose load pauses training (None: never pause)."""
+
+    def __init__(self, config: dict, app_name: str | None = None, server_deployment: str | None = None) -> None:
+        cfg = OsdAppConfig.model_validate(config)
+        torch.set_num_threads(cfg.trainer.torch_threads)  # Ray set OMP_NUM_THREADS from num_cpus; be deliberate
+        with warnings.catch_warnings():  # Ray's own property trips its deprecated actor_id accessor
+            warnings.simplefilter("ignore")
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        replicas = (ServingReplicas(app_name, server_deployment, cfg.trainer.load_timeout_s)
+                    if app_name and server_deployment else None)
+        self.loop = TrainerLoop.from_config(cfg, load=replicas and replicas.load,
+                                            on_publish=replicas and replicas.sync_drafts, crash=_die)
+        self._thread = threading.Thread(target=self.loop.run, name="osd-trainer", daemon=True)
+        self._thread.start()
+        log.info("trainer %s started (%s), live v%d", self.loop.consumer,
+                 "restarted" if self.restarted else "first start", self.loop.live.version)
+
+    def status(self) -> dict:
+        return {**self.loop.status(), "restarted": self.restarted, "pid": os.getpid(),
+                "running": self._thread.is_alive()}
+
+    def pause(self) -> dict:
+        """Stop training until resume() (an operator pause; a restarted actor starts unpaused)."""
+        self.loop.pause()
+        return self.status()
+
+    def resume(self) -> dict:
+        self.loop.resume()
+        return self.status()
+
+    def crash_after_next_read(self) -> None:
+        """Test hook: exit the process after the next read that returns records, before acking them."""
+        self.loop.arm_crash()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.loop.stop()
+        self._thread.join(timeout_s)
+        self.loop.close()
+
+
+def start_trainer(config: dict, app_name: str | None = None, server_deployment: str | None = None,
+                  wait_for_name_s: float = 30.0):
+    """Create the TrainerActor with the resources ``config['trainer']`` asks for; returns its handle.
+
+    Named ``trainer_actor_name(app_name)`` in namespace TRAINER_NAMESPACE when ``app_name`` is
+    given; if a previous owner's actor still holds the name (it dies with its owner), wait.
+    """
+    settings = OsdAppConfig.model_validate(config).trainer
+    options = dict(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
+    if app_name is not None:
+        options |= dict(name=trainer_actor_name(app_name), namespace=TRAINER_NAMESPACE)
+    deadline = time.monotonic() + wait_for_name_s
+    while True:
+        try:
+            return TrainerActor.options(**options).remote(config, app_name, server_deployment)
+        except ValueError as e:  # "actor name already taken"
+            if "name" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
