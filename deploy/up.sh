@@ -392,7 +392,7 @@ cat <<EOF
 
 osd is up.
   API endpoint (OpenAI-compatible)  $ENDPOINT/v1
-  osd dashboard                     $ENDPOINT/dashboard
+  metrics (Prometheus text)         $ENDPOINT/metrics   (the drift dashboard page is not built yet)
   Ray dashboard                     $DASHBOARD_URL$( [[ "${RAY_AUTH_MODE:-}" == token ]] && echo "  (token: $TOKEN_HINT)")
   Redis buffer                      $REDIS_URL
   admin routes (POST /admin/...)    $ADMIN_NOTE

@@ -66,6 +66,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.max_tokens is None:
+        args.max_tokens = 48 if args.which == "serve" else 96
     if args.which == "spec":
         from osd.bench.spec import run_spec_bench
 
@@ -74,6 +76,10 @@ def cmd_bench(args) -> int:
         from osd.bench.distill import run_distill_bench_command
 
         run_distill_bench_command(args)
+    elif args.which == "serve":
+        from osd.bench.serve import run_serve_bench
+
+        run_serve_bench(args)
     return 0
 
 
@@ -115,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec", "distill"],
+    bench.add_argument("which", choices=["spec", "distill", "serve"],
                        help="spec: engine vs HF generate and assisted generation; distill: online distillation on one "
-                            "Spec-Bench category (draft constructions, held-out before/after, learning curve)")
+                            "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
+                            "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
+                            "paused")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
-    bench.add_argument("--max-tokens", type=int, default=96)
+    bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: ../shared/data)")
     bench.add_argument("--out", default="bench/results", help="directory for the JSON results")
     bench.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update with the table")
@@ -127,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from osd.bench.distill import add_bench_distill_args
 
     add_bench_distill_args(bench)
+    from osd.bench.serve import add_bench_serve_args
+
+    add_bench_serve_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
