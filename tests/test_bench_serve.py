@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 
 from osd.bench.serve import (ENDPOINT_MODE, ServeBenchError, phase_plan, render_markdown, requests_for,
                              run_closed_loop, run_load, slowdowns, summarize)
@@ -17,6 +15,7 @@ from osd.engine import SpeculativeEngine
 from osd.http import build_app
 from osd.serving import ServingCore
 from tiny import noisy_copy, tiny_llama
+from http_server import serving
 from tiny_tokenizer import char_tokenizer
 
 QUESTIONS = [{"question_id": i, "category": c, "turns": [f"{c} question {i}: why is the sky blue?"]}
@@ -27,20 +26,8 @@ QUESTIONS = [{"question_id": i, "category": c, "turns": [f"{c} question {i}: why
 def endpoint():
     target = tiny_llama(vocab=64, sharpness=3.0)
     engine = SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.3), EngineConfig(gamma=4))
-    app = build_app(ServingCore(engine, "tiny"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(build_app(ServingCore(engine, "tiny"))) as base:
+        yield base
 
 
 def closed_port() -> int:

@@ -4,8 +4,6 @@ driven by the official openai client and raw httpx."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -13,7 +11,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from osd.config import EngineConfig, SamplingParams
@@ -22,6 +19,7 @@ from osd.http import build_app
 from osd.registry import DraftMismatchError, DraftRegistry, FileStore
 from osd.serving import ServingCore, ServingError
 from tiny import noisy_copy, tiny_llama
+from http_server import serving
 from tiny_tokenizer import char_tokenizer
 
 MODEL = "tiny"
@@ -55,24 +53,12 @@ def stack(tmp_path_factory):
     core = ServingCore(engine, MODEL, recorder=recorder, registry=registry)
     app = build_app(core, admin_token=TOKEN)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    base = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=base, timeout=30)
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
-    yield dict(core=core, target=target, reference=reference, registry=registry, sink=sink, recorder=recorder,
-               http=http, client=client, tokenizer=tokenizer)
-    http.close()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as base:
+        http = httpx.Client(base_url=base, timeout=30)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        yield dict(core=core, target=target, reference=reference, registry=registry, sink=sink, recorder=recorder,
+                   http=http, client=client, tokenizer=tokenizer)
+        http.close()
     recorder.close()
 
 
