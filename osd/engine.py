@@ -162,7 +162,7 @@ class SpeculativeEngine:
             crop_cache(cache, len(tokens) - 1)
             assert cache.get_seq_length() == len(tokens) - 1, "target cache out of step with committed tokens"
             finish = self._finish_reason(tokens, len(prompt_ids), params)
-        output_ids, text, finish = self._finalize(tokens[len(prompt_ids):], params, finish)
+        output_ids, text, finish = self._finalize(tokens[len(prompt_ids):], params)
         stats.output_tokens = len(output_ids)
         stats.elapsed_s = time.perf_counter() - start
         record = None
@@ -217,7 +217,7 @@ class SpeculativeEngine:
             return "length"
         return None
 
-    def _finalize(self, output: list[int], params: SamplingParams, finish: str) -> tuple[list[int], str, str]:
+    def _finalize(self, output: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
         """Cut the output at the first EOS, stop string or max_tokens, whichever comes first."""
         for i, t in enumerate(output):
             if t in self.eos_ids:
@@ -234,7 +234,7 @@ class SpeculativeEngine:
                 return output[:n], text[:cut], "stop"
         if output and output[-1] in self.eos_ids:
             return output, text, "stop"
-        return output, text, finish if len(output) < params.max_tokens else "length"
+        return output, text, "length"  # the loop ends only on EOS, a stop string or max_tokens
 
 
 def _eos_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
