@@ -204,6 +204,7 @@ class DraftModel(nn.Module):
             if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
                 raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
         self.register_buffer("shortlist", shortlist, persistent=False)
+        self._head_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def config(self):
@@ -219,11 +220,27 @@ class DraftModel(nn.Module):
                                   use_cache=past_key_values is not None).last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        head = self.model.get_output_embeddings().weight[self.shortlist]  # [K, H]
+        head = self._shortlist_head()  # [K, H]
         short_logits = (hidden @ head.T).float()  # [B, S, K]
         logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
         logits[..., self.shortlist] = short_logits
         return logits
+
+
+    def _shortlist_head(self) -> torch.Tensor:
+        """The LM-head rows of the shortlist, [K, H].
+
+        Gathering them copies K·H weights (~9 MB for 4096 × 576) — on every draft step
+        that would eat much of what the shortlist saves. Served (no-grad) calls reuse one
+        copy until the weight is replaced or changed in place (its version counter moves).
+        """
+        weight = self.model.get_output_embeddings().weight
+        if torch.is_grad_enabled():
+            return weight[self.shortlist]  # training: the gather must stay on the autograd graph
+        key = (weight.data_ptr(), weight._version)
+        if self._head_cache is None or self._head_cache[0] != key:
+            self._head_cache = (key, weight[self.shortlist])
+        return self._head_cache[1]
 
 
 def load_shortlist(path: str) -> torch.Tensor:

@@ -219,3 +219,21 @@ def test_on_tokens_streams_every_committed_token():
     flat = [t for chunk in streamed for t in chunk]
     assert flat[: len(out.output_ids)] == out.output_ids
     assert len(streamed) == out.stats.target_forwards  # one callback per round
+
+
+def test_shortlist_head_copy_follows_weight_updates():
+    """The served shortlist head is cached; an in-place weight change must still be seen."""
+    from osd.models import DraftModel
+
+    model = tiny_llama(vocab=64, layers=1, seed=3)
+    draft = DraftModel(model, shortlist=torch.arange(0, 64, 2))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        before = draft(ids)
+        assert torch.equal(draft(ids), before)  # served from the cached head
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with torch.inference_mode():
+        after = draft(ids)
+    assert torch.allclose(after[..., ::2], 2 * before[..., ::2], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(after[..., 1::2]).all()
