@@ -28,7 +28,8 @@ run: setup  ## Redis + Ray head + the Serve app on loopback, then a short replay
 	deploy/up.sh
 	$(VENV)/bin/osd replay --limit 6 --max-tokens 48
 	@echo
-	@echo "osd is running: API http://127.0.0.1:8000/v1 (OpenAI-compatible), metrics http://127.0.0.1:8000/metrics,"
+	@echo "osd is running: API http://127.0.0.1:8000/v1 (OpenAI-compatible), dashboard http://127.0.0.1:8000/dashboard,"
+	@echo "metrics http://127.0.0.1:8000/metrics,"
 	@echo "Ray dashboard http://127.0.0.1:8265. Send more: .venv/bin/osd replay --limit 20. Stop it: make stop"
 
 stop:

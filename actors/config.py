@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from osd.buffer import BufferConfig
 from osd.config import EngineConfig, ModelConfig
+from osd.dashboard import DashboardConfig, DashboardStore
 from osd.registry import _CLUSTER_RE, RegistryConfig
 from trainers.config import DistillConfig
 
@@ -53,6 +54,7 @@ class OsdAppConfig(_Strict):
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Record buffer settings; its redis_url is taken from redis_url.")
     registry: RegistryConfig | None = Field(None, description="Draft registry; None = backend 'redis' on redis_url (every node of a Ray cluster reaches it). A file registry needs a path all replicas share.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Online distillation and promotion gate settings.")
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Drift dashboard history (in Redis on redis_url) and GET /dashboard.")
     cluster: str = Field("global", description="Query cluster the trainer distils (its buffer stream and registry lineage); replicas serve every cluster the registry holds.")
     admin_token: str | None = Field(None, description=f"Bearer token for state-changing /admin routes; None = ${ADMIN_TOKEN_ENV} in the replica's environment, else no auth.")
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (413 above); None = the target's context window - 1.")
@@ -99,6 +101,10 @@ class OsdAppConfig(_Strict):
         if self.registry is not None:
             return self.registry
         return RegistryConfig(backend="redis", redis_url=self.require_redis_url())
+
+    def dashboard_store(self) -> DashboardStore | None:
+        """A DashboardStore on redis_url, or None when the dashboard is disabled."""
+        return DashboardStore.from_url(self.require_redis_url(), self.dashboard) if self.dashboard.enabled else None
 
     def resolved_admin_token(self) -> str | None:
         """The configured token, else $OSD_ADMIN_TOKEN of this process (empty = none)."""

@@ -30,6 +30,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from actors.config import OsdAppConfig
+from actors.ray_metrics import RayServingMetrics
 from actors.trainer import start_trainer
 from osd.buffer import RecordBuffer
 from osd.engine import build_engine
@@ -74,8 +75,11 @@ class OsdServer:
         self.buffer = RecordBuffer(cfg.buffer_config())
         self.recorder = _recorder(self.buffer, cfg)
         self.registry = DraftRegistry.from_config(cfg.registry_config())
+        self.dashboard = cfg.dashboard_store()
         self.core = ServingCore(engine, cfg.model_name, recorder=self.recorder, registry=self.registry,
-                                max_prompt_tokens=cfg.max_prompt_tokens)
+                                max_prompt_tokens=cfg.max_prompt_tokens, dashboard=self.dashboard,
+                                buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()))
+        self.ray_metrics = ray_metrics
         self.trainer = trainer
         self._sync_errors: dict[str, str] = {}
         try:
@@ -129,6 +133,7 @@ class OsdServer:
                 self._sync_errors.pop("*", None)
             except Exception as e:
                 self._note_error("*", e)
+            self.ray_metrics.observe_replica(self.recorder.stats(), self.core.health()["drafts"])
 
     async def sync_drafts(self) -> dict[str, int]:
         """Check the registry now (what a publisher broadcasts); returns cluster -> version held."""
@@ -159,6 +164,8 @@ class OsdServer:
             recorder.close(timeout_s=2.0)  # unpushed records go to the spool dir (or are counted dropped)
         if (buffer := getattr(self, "buffer", None)) is not None:
             buffer.close()
+        if (dashboard := getattr(self, "dashboard", None)) is not None:
+            dashboard.close(timeout_s=1.0)
 
 
 @serve.deployment(name=TRAINER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})

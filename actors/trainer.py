@@ -37,7 +37,9 @@ import torch
 from ray import serve
 
 from actors.config import OsdAppConfig, TrainerSettings
+from actors.ray_metrics import RayTrainerMetrics
 from osd.buffer import BufferUnavailable, Entry, RecordBuffer
+from osd.dashboard import DashboardStore
 from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, parse_dtype
 from osd.registry import DraftRegistry
 from trainers.config import DistillConfig
@@ -123,12 +125,16 @@ class TrainerLoop:
                  distill: DistillConfig | None = None, settings: TrainerSettings | None = None, *,
                  cluster: str = "global", consumer: str | None = None,
                  load: Callable[[], int | None] | None = None, on_publish: Callable[[int], None] | None = None,
-                 crash: Callable[[], None] = _raise_crash, clock: Callable[[], float] = time.monotonic) -> None:
+                 crash: Callable[[], None] = _raise_crash, clock: Callable[[], float] = time.monotonic,
+                 dashboard: DashboardStore | None = None, metrics: RayTrainerMetrics | None = None) -> None:
         self.settings = settings or TrainerSettings()
         self.distill = distill or DistillConfig()
         self.buffer, self.registry, self.cluster = buffer, registry, cluster
         self.consumer = consumer or f"trainer-{cluster}"
         self.load, self.on_publish, self.crash, self.clock = load, on_publish, crash, clock
+        self.dashboard = dashboard  # trainer updates, swaps and backlog samples for /dashboard
+        self.metrics = metrics  # Ray metrics of updates and backlog (None outside Ray)
+        self._last_backlog = float("-inf")
         self.holder = _DraftHolder(draft)
         self.live = _Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve
         self.distiller = OnlineDistiller(self.holder.draft, self.distill)
@@ -157,7 +163,8 @@ class TrainerLoop:
     def from_config(cls, config: OsdAppConfig, **kwargs) -> TrainerLoop:
         draft = build_draft_template(config.models)
         return cls(draft, RecordBuffer(config.buffer_config()), DraftRegistry.from_config(config.registry_config()),
-                   config.distill, config.trainer, cluster=config.cluster, consumer=config.consumer_name(), **kwargs)
+                   config.distill, config.trainer, cluster=config.cluster, consumer=config.consumer_name(),
+                   dashboard=config.dashboard_store(), **kwargs)
 
     # -- control (any thread) ------------------------------------------------------------------
 
@@ -209,6 +216,7 @@ class TrainerLoop:
 
     def _step(self) -> int:
         now = self.clock()
+        self._sample_backlog(now)
         if self._operator_paused or self._busy(now):
             self._stop.wait(self.settings.poll_interval_s)
             return 0
@@ -233,6 +241,19 @@ class TrainerLoop:
                 self._on_update(result)
             self._ack_settled()
         return 0
+
+    def _sample_backlog(self, now: float) -> None:
+        """A backlog sample for the dashboard and the metrics every ``dashboard.backlog_interval_s``
+        (default 5 s without a dashboard), paused or not."""
+        interval = self.dashboard.config.backlog_interval_s if self.dashboard is not None else 5.0
+        if (self.dashboard is None and self.metrics is None) or now - self._last_backlog < interval:
+            return
+        self._last_backlog = now
+        stats = self.buffer.stats(self.cluster)  # raises if Redis is down: the loop backs off and retries
+        if self.dashboard is not None:
+            self.dashboard.post_backlog(self.cluster, stats.length, stats.pending, stats.lag)
+        if self.metrics is not None:
+            self.metrics.observe_backlog(stats)
 
     def _busy(self, now: float) -> bool:
         s = self.settings
@@ -285,6 +306,14 @@ class TrainerLoop:
             _promote(self.holder, self.distiller, self.registry, self.cluster, self.live, result, decision)
             if self.on_publish is not None:
                 self.on_publish(self.live.version)  # broadcast; replicas that miss it find it at their next poll
+        if self.dashboard is not None:
+            version = self.live.version if decision.promote else None
+            self.dashboard.post_trainer(self.cluster, result.update, result.loss, decision.candidate_alpha,
+                                        decision.live_alpha, decision.promote, version)
+            if decision.promote:
+                self.dashboard.post_swap(self.cluster, self.live.version, "promoted")
+        if self.metrics is not None:
+            self.metrics.observe_update(self.cluster, result, decision)
         with self._lock:
             self.counters["updates"] += 1
             self.counters["records_trained"] += result.records
@@ -344,6 +373,8 @@ class TrainerLoop:
     def close(self) -> None:
         self.stop()
         self.buffer.close()
+        if self.dashboard is not None:
+            self.dashboard.close()
 
 
 # --------------------------------------------------------------------------- Ray
@@ -401,7 +432,8 @@ class TrainerActor:
         replicas = (ServingReplicas(app_name, server_deployment, cfg.trainer.load_timeout_s)
                     if app_name and server_deployment else None)
         self.loop = TrainerLoop.from_config(cfg, load=replicas and replicas.load,
-                                            on_publish=replicas and replicas.sync_drafts, crash=_die)
+                                            on_publish=replicas and replicas.sync_drafts, crash=_die,
+                                            metrics=RayTrainerMetrics())
         self._thread = threading.Thread(target=self.loop.run, name="osd-trainer", daemon=True)
         self._thread.start()
         log.info("trainer %s started (%s), live v%d", self.loop.consumer,

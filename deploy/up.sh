@@ -33,6 +33,8 @@ usage: deploy/up.sh [options]
   --dashboard-url URL   Ray dashboard of that cluster (default: http://<ADDR host>:<dashboard port>)
   --dashboard-port PORT Ray dashboard port (default: 8265; always bound to 127.0.0.1)
   --ray-port PORT       GCS port of the head we start (default: 6379)
+  --metrics-port PORT   Ray's Prometheus metrics export port on the head (ray_osd_* and Ray's own;
+                        default: a free one, printed at the end)
   --num-cpus N          CPUs the head offers to Ray (default: this machine's, at least 2)
   --num-gpus N          GPUs the head offers to Ray (default: Ray's detection)
   --ray-temp-dir DIR    Ray's session/log root (default: <state-dir>/ray, or a short /tmp path
@@ -64,6 +66,7 @@ NUM_CPUS=""
 NUM_GPUS=""
 RAY_TEMP_DIR=""
 RAY_START_ARGS=""
+METRICS_PORT=""
 REDIS_URL="${OSD_REDIS_URL:-}"
 REDIS_PORT=""
 OVERRIDES=()
@@ -81,6 +84,7 @@ while [[ $# -gt 0 ]]; do
     --dashboard-url)  need_value "$@"; DASHBOARD_URL="$2"; shift 2 ;;
     --dashboard-port) need_value "$@"; DASHBOARD_PORT="$2"; shift 2 ;;
     --ray-port)       need_value "$@"; RAY_PORT="$2"; shift 2 ;;
+    --metrics-port)   need_value "$@"; METRICS_PORT="$2"; shift 2 ;;
     --num-cpus)       need_value "$@"; NUM_CPUS="$2"; shift 2 ;;
     --num-gpus)       need_value "$@"; NUM_GPUS="$2"; shift 2 ;;
     --ray-temp-dir)   need_value "$@"; RAY_TEMP_DIR="$2"; shift 2 ;;
@@ -274,9 +278,10 @@ else
   mkdir -p "$RAY_TEMP_DIR"
   NUM_CPUS="${NUM_CPUS:-$(( $(nproc) > 2 ? $(nproc) : 2 ))}"
   DASHBOARD_URL="http://127.0.0.1:$DASHBOARD_PORT"
+  METRICS_PORT="${METRICS_PORT:-$(helper free-port --avoid "$PORT" --avoid "$DASHBOARD_PORT" --avoid "$RAY_PORT")}"
   ray_args=(start --head --port "$RAY_PORT" --num-cpus "$NUM_CPUS"
             --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
-            --temp-dir "$RAY_TEMP_DIR" --disable-usage-stats)
+            --metrics-export-port "$METRICS_PORT" --temp-dir "$RAY_TEMP_DIR" --disable-usage-stats)
   [[ -n "$NUM_GPUS" ]] && ray_args+=(--num-gpus "$NUM_GPUS")
   # shellcheck disable=SC2206  # word splitting of the extra args is intended
   [[ -n "$RAY_START_ARGS" ]] && ray_args+=($RAY_START_ARGS)
@@ -392,7 +397,8 @@ cat <<EOF
 
 osd is up.
   API endpoint (OpenAI-compatible)  $ENDPOINT/v1
-  metrics (Prometheus text)         $ENDPOINT/metrics   (the drift dashboard page is not built yet)
+  drift dashboard                   $ENDPOINT/dashboard
+  metrics (Prometheus text)         $ENDPOINT/metrics$( [[ -n "${METRICS_PORT:-}" ]] && echo "   (all replicas, via Ray: http://127.0.0.1:$METRICS_PORT/metrics)")
   Ray dashboard                     $DASHBOARD_URL$( [[ "${RAY_AUTH_MODE:-}" == token ]] && echo "  (token: $TOKEN_HINT)")
   Redis buffer                      $REDIS_URL
   admin routes (POST /admin/...)    $ADMIN_NOTE

@@ -22,8 +22,9 @@ def all_config_models() -> list[type[BaseModel]]:
     from actors.config import OsdAppConfig, TrainerSettings
     from osd.buffer import BufferConfig
     from osd.config import EngineConfig, ModelConfig, SamplingParams
+    from osd.dashboard import DashboardConfig
     from osd.registry import RegistryConfig
     from trainers.config import DistillConfig
 
     return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, SamplingParams, BufferConfig, RegistryConfig,
-            DistillConfig]
+            DistillConfig, DashboardConfig]

@@ -20,22 +20,25 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from osd.api import ChatCompletionRequest, CompletionRequest, ServingError, error_body, error_type
+from osd.dashboard_schema import DashboardData
 from osd.registry import DraftNotFoundError, RegistryError
 from osd.serving import ServingCore, SSEStream
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20  # far above any prompt a context window can hold
+DASHBOARD_PAGE = Path(__file__).with_name("static") / "dashboard.html"
 
 
 class RollbackBody(BaseModel):
@@ -129,7 +132,40 @@ def build_app(core: ServingCore, admin_token: str | None = None,
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(core.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+        # Off the event loop (it reads Redis), and off Starlette's pool (queued requests fill it).
+        return PlainTextResponse(await asyncio.to_thread(core.metrics_text), media_type=CONTENT_TYPE_LATEST)
+
+    # -- dashboard ------------------------------------------------------------------------------
+
+    def dashboard_store():
+        if core.dashboard is None:
+            raise ServingError(404, "this replica keeps no dashboard history (dashboard.enabled is false)",
+                               code="no_dashboard")
+        return core.dashboard
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard():
+        """The acceptance-rate drift dashboard: a self-contained page drawing /dashboard/data."""
+        dashboard_store()
+        return HTMLResponse(DASHBOARD_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/dashboard/data", response_model=DashboardData)
+    async def dashboard_data(window: int | None = None):
+        """The dashboard's history (schema: GET /dashboard/schema). ``window``: requests per moving average."""
+        if window is not None and not 1 <= window <= 10_000:
+            raise ServingError(400, f"window must be in [1, 10000], got {window}", "window")
+        store = dashboard_store()
+        try:
+            return await asyncio.to_thread(lambda: store.data(core.registry_live_versions(), window))
+        except Exception as e:  # Redis down: say so; the page keeps its last charts and retries
+            log.warning("dashboard data unavailable: %s", e)
+            raise ServingError(503, f"dashboard history is unavailable (Redis: {type(e).__name__}: {e}); retry",
+                               code="dashboard_unavailable") from None
+
+    @app.get("/dashboard/schema")
+    async def dashboard_schema():
+        """JSON Schema of /dashboard/data."""
+        return DashboardData.model_json_schema()
 
     # -- admin ----------------------------------------------------------------------------------
 
@@ -173,6 +209,9 @@ def build_app(core: ServingCore, admin_token: str | None = None,
         body = RollbackBody.model_validate_json(raw) if raw.strip() else RollbackBody()
         reg = registry()
         manifest = await asyncio.to_thread(_registry_call, reg.rollback, cluster, body.to_version)
+        if core.dashboard is not None:
+            core.dashboard.post_swap(cluster, manifest.version, "rollback")
+            await asyncio.to_thread(_quietly, core.dashboard.count_rollback, cluster)
         await asyncio.to_thread(_sync, core, reg, cluster)
         return {"cluster": cluster, "version": manifest.version, "replica_version": core.live_draft(cluster).version}
 
@@ -229,6 +268,14 @@ def _registry_call(fn, cluster: str, *args):
         if isinstance(e, RegistryError):
             raise
         raise ServingError(400, str(e), "cluster") from e
+
+
+def _quietly(fn, *args) -> None:
+    """Telemetry around an admin action must not fail the action."""
+    try:
+        fn(*args)
+    except Exception as e:
+        log.warning("%s failed: %s", getattr(fn, "__name__", fn), e)
 
 
 def _sync(core: ServingCore, registry, cluster: str):

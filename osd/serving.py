@@ -30,18 +30,20 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from jinja2.exceptions import TemplateError
 from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from osd.api import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                      ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionChunk,
                      CompletionRequest, Delta, ModelCard, ModelList, OsdStats, ServingError, Usage, error_body,
                      to_sampling_params)
+from osd.buffer import RecordBuffer
 from osd.config import SamplingParams
+from osd.dashboard import DashboardStore
 from osd.engine import Generation, RequestError, SpeculativeEngine
 from osd.models import DraftModel
 from osd.recorder import Recorder
@@ -49,7 +51,7 @@ from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _spec_d
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LiveDraft", "ServingCore", "ServingError", "ServingMetrics", "SSEStream"]
+__all__ = ["LiveDraft", "MetricsMirror", "ServingCore", "ServingError", "ServingMetrics", "SSEStream"]
 
 DEFAULT_CLUSTER = "global"
 
@@ -64,38 +66,89 @@ class LiveDraft:
 
 # --------------------------------------------------------------------------- metrics
 
-_LABELS = ("cluster", "draft_version")
-_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "osd:request_success": ("Requests finished, by finish reason.", (*_LABELS, "finished_reason")),
+REQUEST_LABELS = ("cluster", "draft_version")
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "osd:request_success": ("Requests finished, by finish reason.", (*REQUEST_LABELS, "finished_reason")),
     "osd:request_errors": ("Requests answered with an error, by HTTP status.", ("status",)),
-    "osd:prompt_tokens": ("Prompt tokens processed.", _LABELS),
-    "osd:generation_tokens": ("Tokens generated.", _LABELS),
-    "osd:spec_decode_num_drafts": ("Speculative rounds (draft proposals verified by the target).", _LABELS),
-    "osd:spec_decode_num_draft_tokens": ("Draft tokens proposed.", _LABELS),
-    "osd:spec_decode_num_accepted_tokens": ("Draft tokens accepted by the target.", _LABELS),
+    "osd:prompt_tokens": ("Prompt tokens processed.", REQUEST_LABELS),
+    "osd:generation_tokens": ("Tokens generated.", REQUEST_LABELS),
+    "osd:spec_decode_num_drafts": ("Speculative rounds (draft proposals verified by the target).", REQUEST_LABELS),
+    "osd:spec_decode_num_draft_tokens": ("Draft tokens proposed.", REQUEST_LABELS),
+    "osd:spec_decode_num_accepted_tokens": ("Draft tokens accepted by the target.", REQUEST_LABELS),
     "osd:spec_decode_num_accepted_tokens_per_pos": ("Accepted draft tokens by position in the round (0 = first).",
-                                                    (*_LABELS, "position")),
+                                                    (*REQUEST_LABELS, "position")),
     "osd:spec_decode_alpha_sum": ("Sum over verified positions of sum_x min(p, q); alpha-hat = rate(sum) / rate(count).",
-                                  _LABELS),
-    "osd:spec_decode_alpha_count": ("Verified positions contributing to alpha_sum.", _LABELS),
-    "osd:target_forwards": ("Target decode forwards (prefill excluded).", _LABELS),
+                                  REQUEST_LABELS),
+    "osd:spec_decode_alpha_count": ("Verified positions contributing to alpha_sum.", REQUEST_LABELS),
+    "osd:target_forwards": ("Target decode forwards (prefill excluded).", REQUEST_LABELS),
     "osd:draft_swaps": ("Draft swaps on this replica, by outcome (ok / refused).", ("cluster", "outcome")),
 }
+# name -> (help, bucket upper bounds); labelled by REQUEST_LABELS. One observation per finished request.
+HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "osd:request_alpha": ("Per-request alpha-hat (mean sum_x min(p, q) over its verified positions).",
+                          tuple(i / 10 for i in range(1, 11))),
+    "osd:e2e_request_latency_seconds": ("Request latency: waiting for the engine plus generation.",
+                                        (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)),
+    "osd:request_tokens_per_second": ("Per-request generation speed (output tokens / generation seconds).",
+                                      (1, 2, 5, 10, 15, 20, 30, 40, 60, 100, 200, 500)),
+}
+
+
+@dataclass
+class _Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int]  # per bucket (not cumulative); the last is +Inf
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        cumulative, out = 0, []
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            cumulative += n
+            out.append((bound, cumulative))
+        return out
+
+
+class MetricsMirror(Protocol):
+    """Receives every counter increment and histogram observation too (e.g. Ray metrics)."""
+
+    def add(self, name: str, labels: dict[str, str], value: float) -> None: ...
+
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None: ...
 
 
 class ServingMetrics:
     """Counters aggregated over requests; ``prometheus_text`` renders them (plus gauges) for /metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, mirror: MetricsMirror | None = None) -> None:
+        self.mirror = mirror
         self._lock = threading.Lock()
         self._values: dict[str, dict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
+        self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = defaultdict(dict)
 
     def _add(self, name: str, labels: tuple[str, ...], value: float) -> None:
         self._values[name][labels] += value
+        if self.mirror is not None and value:
+            self.mirror.add(name, dict(zip(COUNTERS[name][1], labels)), value)
 
-    def observe_request(self, cluster: str, version: int, gen: Generation) -> None:
+    def _observe(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        bounds = HISTOGRAMS[name][1]
+        hist = self._histograms[name].setdefault(labels, _Histogram(bounds, [0] * (len(bounds) + 1)))
+        hist.observe(value)
+        if self.mirror is not None:
+            self.mirror.observe(name, dict(zip(REQUEST_LABELS, labels)), value)
+
+    def observe_request(self, cluster: str, version: int, gen: Generation, latency_s: float) -> None:
         s, key = gen.stats, (cluster, str(version))
         with self._lock:
+            if s.alpha_hat is not None:
+                self._observe("osd:request_alpha", key, s.alpha_hat)
+            self._observe("osd:e2e_request_latency_seconds", key, latency_s)
+            if s.elapsed_s > 0:
+                self._observe("osd:request_tokens_per_second", key, s.tokens_per_second)
             self._add("osd:request_success", (*key, gen.finish_reason), 1)
             self._add("osd:prompt_tokens", key, s.prompt_tokens)
             self._add("osd:generation_tokens", key, len(gen.output_ids))
@@ -118,30 +171,33 @@ class ServingMetrics:
 
     def value(self, name: str, **labels: str) -> float:
         """Sum of a counter over the series matching ``labels`` (for tests and quick checks)."""
-        names = _COUNTERS[name][1]
+        names = COUNTERS[name][1]
         with self._lock:
             return sum(v for k, v in self._values[name].items()
                        if all(k[names.index(n)] == want for n, want in labels.items()))
 
     def prometheus_text(self, gauges: Mapping[str, tuple[str, Mapping[tuple[tuple[str, str], ...], float]]] = {},
-                        counters: Mapping[str, tuple[str, float]] = {}) -> str:
-        """Prometheus text format of the request counters plus, from the caller, ``gauges``
-        (name -> (help, {((label, value), ...): value})) and unlabelled ``counters`` (name -> (help, value))."""
+                        counters: Mapping[str, tuple[str, Mapping[tuple[tuple[str, str], ...], float]]] = {}) -> str:
+        """Prometheus text format of the request counters and histograms plus, from the caller,
+        ``gauges`` and ``counters``: name -> (help, {((label, value), ...): value})."""
         families: list = []
         with self._lock:
-            for name, (help_text, label_names) in _COUNTERS.items():
+            for name, (help_text, label_names) in COUNTERS.items():
                 family = CounterMetricFamily(name, help_text, labels=list(label_names))
                 for labels, value in sorted(self._values[name].items()):
                     family.add_metric(list(labels), value)
                 families.append(family)
-        for name, (help_text, value) in counters.items():
-            families.append(CounterMetricFamily(name, help_text, value=value))
-        for name, (help_text, series) in gauges.items():
-            label_names = [k for k, _ in next(iter(series), ())]
-            family = GaugeMetricFamily(name, help_text, labels=label_names)
-            for labels, value in series.items():
-                family.add_metric([v for _, v in labels], value)
-            families.append(family)
+            for name, (help_text, _) in HISTOGRAMS.items():
+                family = HistogramMetricFamily(name, help_text, labels=list(REQUEST_LABELS))
+                for labels, hist in sorted(self._histograms[name].items()):
+                    family.add_metric(list(labels), hist.buckets(), hist.total)
+                families.append(family)
+        for kind, extra in ((CounterMetricFamily, counters), (GaugeMetricFamily, gauges)):
+            for name, (help_text, series) in extra.items():
+                family = kind(name, help_text, labels=[k for k, _ in next(iter(series), ())])
+                for labels, value in series.items():
+                    family.add_metric([v for _, v in labels], value)
+                families.append(family)
         return generate_latest(_Families(families)).decode()
 
 
@@ -330,8 +386,11 @@ class ServingCore:
 
     def __init__(self, engine: SpeculativeEngine, model_name: str = "osd", *, recorder: Recorder | None = None,
                  registry: DraftRegistry | None = None, draft_version: int = 0,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, dashboard: DashboardStore | None = None,
+                 buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None) -> None:
         self.engine = engine
+        self.dashboard = dashboard  # history for /dashboard (None: no dashboard)
+        self.buffer = buffer  # only read, for the backlog gauges on /metrics
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.recorder = recorder
@@ -339,7 +398,7 @@ class ServingCore:
         self.vocab_size = int(engine.target.config.vocab_size)
         # At least one new token must fit in the context window.
         self.max_prompt_tokens = min(max_prompt_tokens or engine.context_window - 1, engine.context_window - 1)
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(metrics_mirror)
         self.started = int(time.time())
         self._drafts: dict[str, LiveDraft] = {DEFAULT_CLUSTER: LiveDraft(draft_version, engine.draft)}
         self._pair_lock = threading.Lock()  # held only to read or replace a pair
@@ -438,6 +497,7 @@ class ServingCore:
 
     def _generate(self, prep: _Prepared, on_tokens: Callable[[list[int]], None] | None = None,
                   cancel: threading.Event | None = None) -> tuple[Generation, str, LiveDraft]:
+        arrived = time.monotonic()
         with self._state_lock:
             self._waiting += 1
         with self._generate_lock:
@@ -453,7 +513,11 @@ class ServingCore:
             finally:
                 with self._state_lock:
                     self._running -= 1
-        self.metrics.observe_request(prep.cluster, live.version, gen)
+        self.metrics.observe_request(prep.cluster, live.version, gen, latency_s=time.monotonic() - arrived)
+        if self.dashboard is not None:  # queued for a background thread: never waits for Redis
+            s = gen.stats
+            self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
+                                        s.target_forwards, s.elapsed_s)
         if gen.record is not None and self.recorder is not None:
             gen.record.request_id = prep.request_id.split("-", 1)[1]  # ties the record to the response id
             self.recorder.submit(gen.record)  # never blocks, never raises
@@ -561,6 +625,16 @@ class ServingCore:
                 return {"model": self.model_name, "clusters": out, "registry_error": str(e)}
         return {"model": self.model_name, "clusters": out}
 
+    def registry_live_versions(self) -> dict[str, int | None]:
+        """cluster -> the registry's live version (None: no registry, or nothing published yet)."""
+        if self.registry is None:
+            return {}
+        out = {}
+        for c in self.registry.clusters():
+            manifest = self.registry.live(c)
+            out[c] = manifest.version if manifest else None
+        return out
+
     # -- introspection -------------------------------------------------------------------------
 
     def models(self) -> dict:
@@ -589,11 +663,12 @@ class ServingCore:
         if self.recorder is not None:
             r = self.recorder.stats()
             counters = {
-                "osd:recorder_submitted": ("Training records submitted.", r.submitted),
-                "osd:recorder_pushed": ("Training records pushed to the buffer.", r.pushed),
+                "osd:recorder_submitted": ("Training records submitted.", {(): r.submitted}),
+                "osd:recorder_pushed": ("Training records pushed to the buffer.", {(): r.pushed}),
                 "osd:recorder_dropped": ("Training records dropped (backlog overflow, malformed, or unflushed at "
-                                         "close without a spool dir).", r.dropped),
-                "osd:recorder_push_failures": ("Failed pushes to the buffer (each retry counts).", r.push_failures),
+                                         "close without a spool dir).", {(): r.dropped}),
+                "osd:recorder_push_failures": ("Failed pushes to the buffer (each retry counts).",
+                                               {(): r.push_failures}),
             }
             gauges |= {
                 "osd:recorder_spool_size": ("Training records spooled while the buffer is unavailable.",
@@ -602,7 +677,58 @@ class ServingCore:
                 "osd:recorder_buffer_available": ("1 if the last push to the buffer succeeded.",
                                                   {(): float(r.buffer_available)}),
             }
+        if self.dashboard is not None:
+            counters["osd:dashboard_points_dropped"] = (
+                "Dashboard points dropped while Redis was unavailable (queue overflow).",
+                {(): float(self.dashboard.dropped)})
+        gauges |= self._shared_gauges(counters)
         return self.metrics.prometheus_text(gauges, counters)
+
+
+    def _shared_gauges(self, counters: dict) -> dict:
+        """Buffer backlog and trainer state, read from Redis: the same on every replica (aggregate
+        them with max, not sum). Adds the trainer's counters to ``counters``; skips what Redis
+        cannot answer now (an outage must not break /metrics)."""
+        gauges: dict = {}
+        if self.buffer is not None:
+            try:
+                stats = [self.buffer.stats(c) for c in self.buffer.clusters()]
+            except Exception as e:
+                log.debug("buffer stats unavailable for /metrics: %s", e)
+            else:
+                for name, field, help_text in _BUFFER_GAUGES:
+                    gauges[name] = (help_text, {(("cluster", b.cluster),): float(getattr(b, field) or 0)
+                                                for b in stats})
+                if stats:  # one dead-letter stream for all clusters
+                    gauges["osd:buffer_dead_letters"] = ("Entries in the dead-letter stream (failed to decode).",
+                                                         {(): float(stats[0].dead_letter)})
+        if self.dashboard is not None:
+            try:
+                trainer = self.dashboard.trainer_counters()
+            except Exception as e:
+                log.debug("trainer counters unavailable for /metrics: %s", e)
+            else:
+                for name, field, help_text, is_counter in _TRAINER_METRICS:
+                    series = {(("cluster", c),): v.get(field, 0.0) for c, v in sorted(trainer.items())}
+                    (counters if is_counter else gauges)[name] = (help_text, series)
+        return gauges
+
+
+_BUFFER_GAUGES = (
+    ("osd:buffer_length", "length", "Training records in the cluster's buffer stream."),
+    ("osd:buffer_pending", "pending", "Records delivered to a trainer and not yet acked."),
+    ("osd:buffer_lag", "lag", "Records not yet delivered to a trainer."),
+)
+_TRAINER_METRICS = (  # (name, field of DashboardStore.trainer_counters, help, is a counter)
+    ("osd:trainer_updates", "updates", "Trainer updates (each ends with a gate decision).", True),
+    ("osd:trainer_promotions", "promotions", "Candidates the gate promoted (published as a new version).", True),
+    ("osd:trainer_rejections", "rejections", "Candidates the gate refused.", True),
+    ("osd:draft_rollbacks", "rollbacks", "Admin rollbacks of the live draft.", True),
+    ("osd:trainer_loss", "loss", "Distillation loss of the last update.", False),
+    ("osd:trainer_gate_alpha_candidate", "alpha_candidate", "Gate alpha-hat of the last candidate (held-out).",
+     False),
+    ("osd:trainer_gate_alpha_live", "alpha_live", "Gate alpha-hat of the live draft on the same records.", False),
+)
 
 
 def _coerce(req: Any, cls: type) -> Any:

@@ -293,11 +293,13 @@ def test_up_then_down_runs_osd_then_leaves_nothing(deployment, tmp_path):
     up = subprocess.run(argv, env=deployment["env"], capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
     base = f"http://127.0.0.1:{ports['serve']}"
-    assert f"{base}/v1" in up.stdout and f"{base}/metrics" in up.stdout
+    assert f"{base}/v1" in up.stdout and f"{base}/metrics" in up.stdout and f"{base}/dashboard" in up.stdout
     assert f"http://127.0.0.1:{ports['dashboard']}" in up.stdout and "deploy/down.sh" in up.stdout
 
     status, health = get(f"{base}/health")
     assert status == 200 and health["status"] == "ok"
+    status, dashboard = get(f"{base}/dashboard/data")
+    assert status == 200 and dashboard["window"] == 50
     status, models = get(f"{base}/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["osd"]
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()

@@ -416,3 +416,37 @@ def test_trainer_crash_mid_update_restarts_reclaims_and_loses_nothing(app):
     status = ray.get(actor.status.remote(), timeout=30)
     assert status["live_version"] == live
     wait_for(lambda: all(s["drafts"]["global"] == live for s in replica_status(app)), 30, "replicas on the live draft")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_metrics_and_the_dashboard_through_the_endpoint(app):
+    """After the tests above (traffic, hot-swaps, trainer updates): Ray's metrics agent exports
+    osd's counters, and /dashboard/data (any replica) holds the shared history."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http = app["http"]
+    assert http.post("/v1/completions", json={"prompt": "metrics", "max_tokens": 8}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    trained = ray.get(trainer_actor().status.remote(), timeout=30)["updates"] > 0  # in this module's order: yes
+
+    def exported() -> dict[str, float] | None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_osd_"):
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        wanted = ["ray_osd_spec_decode_num_draft_tokens_total", "ray_osd_request_alpha_count",
+                  "ray_osd_buffer_length"] + ["ray_osd_trainer_updates_total"] * trained
+        return totals if all(totals.get(w, 0) > 0 for w in wanted) else None
+
+    totals = wait_for(exported, 60, "osd's Ray metrics at the metrics export port", interval_s=1.0)
+    assert totals["ray_osd_spec_decode_num_accepted_tokens_total"] <= totals["ray_osd_spec_decode_num_draft_tokens_total"]
+
+    data = http.get("/dashboard/data").json()
+    assert len(data["series"]["global"]) >= 1 and data["backlog"] and bool(data["trainer"]) == trained
+    assert all(s["kind"] in ("promoted", "rollback") for s in data["swaps"])
+    page = http.get("/dashboard")
+    assert page.status_code == 200 and "<canvas" in page.text

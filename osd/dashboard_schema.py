@@ -1,0 +1,83 @@
+"""The JSON behind ``GET /dashboard/data``: what the drift dashboard draws, as pydantic models.
+
+Times are Unix seconds (float). Series are oldest first. Every moving average is over the
+last ``window`` requests *of that cluster* (fewer at the start of its history). ``alpha`` is
+the per-request α̂ (mean over verified positions of Σ_x min(p, q)); it is null for requests
+served without a draft. The schema is published at ``GET /dashboard/schema``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestPoint(_Frozen):
+    """One finished request, as a point of its cluster's series."""
+
+    t: float = Field(description="When the request finished (Unix s).")
+    version: int = Field(description="Draft version that served it (0 = the initial draft).")
+    alpha: float | None = Field(description="This request's α̂; null without a draft.")
+    alpha_ma: float | None = Field(description="Moving average of alpha over the window (requests with an α̂ only).")
+    tokens_per_forward_ma: float = Field(description="Moving window: generated tokens / target decode forwards.")
+    tokens_per_s_ma: float = Field(description="Moving window: generated tokens / generation seconds.")
+    latency_s: float = Field(description="This request's generation time in seconds.")
+
+
+class SwapEvent(_Frozen):
+    """A draft version went live for a cluster (promoted by the trainer, or an admin rollback)."""
+
+    t: float
+    cluster: str
+    version: int
+    kind: str = Field(description="'promoted' or 'rollback'.")
+
+
+class BacklogPoint(_Frozen):
+    """A sample of one cluster's record buffer."""
+
+    t: float
+    cluster: str
+    length: int = Field(description="Entries in the stream.")
+    pending: int = Field(description="Delivered to the trainer, not yet acked.")
+    lag: int | None = Field(description="Entries not yet delivered to the trainer.")
+
+
+class TrainerPoint(_Frozen):
+    """One trainer update and the gate's verdict on it."""
+
+    t: float
+    cluster: str
+    update: int = Field(description="Update counter of the trainer run.")
+    loss: float = Field(description="Mean distillation loss of the update.")
+    alpha_candidate: float = Field(description="Gate α̂ of the freshly trained candidate on held-out records.")
+    alpha_live: float = Field(description="Gate α̂ of the live draft on the same records.")
+    promoted: bool
+    version: int | None = Field(description="Version published when promoted, else null.")
+
+
+class ClusterRow(_Frozen):
+    """One row of the clusters table."""
+
+    cluster: str
+    live_version: int | None = Field(description="Registry's live version (null: still the initial draft, v0).")
+    alpha_now: float | None = Field(description="alpha_ma of the cluster's latest request.")
+    alpha_hour_ago: float | None = Field(description="alpha_ma of its last request at least an hour old; null if none.")
+    requests: int = Field(description="Requests of this cluster in the retained history.")
+    last_update: float | None = Field(description="Time of its last trainer update or swap (Unix s); null if none.")
+
+
+class DashboardData(_Frozen):
+    """Everything ``/dashboard`` draws."""
+
+    generated_at: float
+    window: int = Field(description="Requests per moving window.")
+    retention_s: float = Field(description="History older than this is trimmed from Redis.")
+    clusters: list[ClusterRow]
+    series: dict[str, list[RequestPoint]] = Field(description="cluster -> its requests, oldest first.")
+    swaps: list[SwapEvent]
+    backlog: list[BacklogPoint]
+    trainer: list[TrainerPoint]
