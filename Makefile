@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: setup
 
 bench-distill: setup
 	$(VENV)/bin/osd bench distill
+
+bench-drift: setup  ## ~40 min on 2 cores: 4 phases x 40 requests, static then online draft
+	$(VENV)/bin/osd bench drift --gamma 2
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

@@ -405,8 +405,8 @@ def app_config(args: argparse.Namespace, redis_url: str, max_clients: int):
 
 
 @contextmanager
-def deployed_endpoint(args: argparse.Namespace, max_clients: int,
-                      say: Callable[[str], None] = print) -> Iterator[tuple[str, ServeTrainerControl, dict]]:
+def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[[str], None] = print,
+                      config_builder: Callable = app_config) -> Iterator[tuple[str, ServeTrainerControl, dict]]:
     """Embedded Redis (unless --redis-url) + a local Ray (2 CPUs, no dashboard, temp dir) + the osd
     app on a free loopback port; yields (url, trainer control, info). Everything it started is
     stopped on the way out, error or Ctrl-C included; on an error the Ray logs are kept."""
@@ -426,7 +426,7 @@ def deployed_endpoint(args: argparse.Namespace, max_clients: int,
         else:
             redis = EmbeddedRedis().start()
             redis_url = redis.url
-        config = app_config(args, redis_url, max_clients)
+        config = config_builder(args, redis_url, max_clients)
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
                  namespace="osd-bench", log_to_driver=False)
@@ -439,7 +439,8 @@ def deployed_endpoint(args: argparse.Namespace, max_clients: int,
         control = ServeTrainerControl(serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP_NAME))
         control.set_mode("paused")  # no training before the static phases
         info = {"ray_start_s": t1 - t0, "deploy_s": time.perf_counter() - t1, "redis": "external" if args.redis_url
-                else "embedded", "app": config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})}
+                else "embedded", "redis_url": redis_url,
+                "app": config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})}
         say(f"deployed in {info['deploy_s']:.0f}s")
         yield f"http://127.0.0.1:{port}", control, info
         clean = True
