@@ -16,6 +16,7 @@ from osd.buffer import BufferConfig
 from osd.config import EngineConfig, ModelConfig
 from osd.dashboard import DashboardConfig, DashboardStore
 from osd.registry import _CLUSTER_RE, RegistryConfig
+from osd.router import RouterConfig
 from trainers.config import DistillConfig
 
 ADMIN_TOKEN_ENV = "OSD_ADMIN_TOKEN"
@@ -41,7 +42,19 @@ class TrainerSettings(_Strict):
     load_timeout_s: float = Field(2.0, gt=0, le=60, description="Bound on asking the replicas for their load; on failure the trainer assumes serving is idle.")
     flush_idle_s: float | None = Field(10.0, gt=0, description="With no new record for this long, train on the records waiting (fewer than distill.update_interval) so they are acked; None waits for a full update.")
     reclaim_interval_s: float = Field(30.0, gt=0, description="How often to XAUTOCLAIM entries other (dead) trainers left pending longer than buffer.claim_idle_ms.")
-    consumer: str | None = Field(None, description="Consumer name in the buffer's group; None = 'trainer-<cluster>'. Stable, so a restarted trainer re-reads its own pending entries.")
+    consumer: str | None = Field(None, description="Consumer name in the buffer's group when the trainer has one fixed cluster; None = 'trainer-<cluster>' (always so with several). Stable, so a restarted trainer re-reads its own pending entries.")
+    clusters: list[str] | None = Field(None, description="Query clusters to distil; None = every cluster that has records in the buffer, picked up as it appears (checked every discovery_interval_s).")
+    max_clusters: int = Field(8, ge=1, le=1024, description="Cluster trainers held at once (each keeps a draft copy and optimizer state); past it the least recently trained one is closed, its unacked records stay pending in Redis for its return.")
+    discovery_interval_s: float = Field(5.0, gt=0, description="How often the trainer looks for new clusters' buffer streams.")
+
+
+    @field_validator("clusters")
+    @classmethod
+    def _cluster_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not _CLUSTER_RE.match(name):
+                raise ValueError(f"invalid cluster name {name!r}: use 1-128 characters from [A-Za-z0-9_.-]")
+        return v
 
 
 class OsdAppConfig(_Strict):
@@ -54,8 +67,9 @@ class OsdAppConfig(_Strict):
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Record buffer settings; its redis_url is taken from redis_url.")
     registry: RegistryConfig | None = Field(None, description="Draft registry; None = backend 'redis' on redis_url (every node of a Ray cluster reaches it). A file registry needs a path all replicas share.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Online distillation and promotion gate settings.")
+    router: RouterConfig = Field(default_factory=lambda: RouterConfig(enabled=False), description="Query-cluster routing: which per-cluster draft serves a request that pins no cluster. Off by default (every such request goes to 'global'); see docs/clusters.md.")
+    max_cluster_drafts: int = Field(8, ge=0, le=1024, description="Per-cluster drafts a replica holds besides global's; past it the least recently used is dropped (its requests use global's until wanted again).")
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Drift dashboard history (in Redis on redis_url) and GET /dashboard.")
-    cluster: str = Field("global", description="Query cluster the trainer distils (its buffer stream and registry lineage); replicas serve every cluster the registry holds.")
     admin_token: str | None = Field(None, description=f"Bearer token for state-changing /admin routes; None = ${ADMIN_TOKEN_ENV} in the replica's environment, else no auth.")
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (413 above); None = the target's context window - 1.")
     num_replicas: int = Field(1, ge=1, le=1024, description="Serving replicas, each holding the target and the live drafts.")
@@ -67,13 +81,6 @@ class OsdAppConfig(_Strict):
     draft_poll_interval_s: float = Field(2.0, gt=0, le=3600, description="How often each replica checks the registry for a live draft version other than its own (newer, or older after a rollback).")
     spool_dir: str | None = Field(None, description="Directory for records spooled while Redis is down; each replica claims its own replica-<i> subdirectory, so a restarted replica pushes what its predecessor left. None = memory only.")
     recorder_capacity: int = Field(10_000, ge=1, description="Records a replica holds for the buffer (queue + spool) before dropping the oldest (counted in /metrics).")
-
-    @field_validator("cluster")
-    @classmethod
-    def _cluster_name(cls, v: str) -> str:
-        if not _CLUSTER_RE.match(v):
-            raise ValueError(f"invalid cluster name {v!r}: use 1-128 characters from [A-Za-z0-9_.-]")
-        return v
 
     @model_validator(mode="after")
     def _one_redis_url(self) -> OsdAppConfig:
@@ -109,9 +116,6 @@ class OsdAppConfig(_Strict):
     def resolved_admin_token(self) -> str | None:
         """The configured token, else $OSD_ADMIN_TOKEN of this process (empty = none)."""
         return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
-
-    def consumer_name(self) -> str:
-        return self.trainer.consumer or f"trainer-{self.cluster}"
 
     def spool_root(self) -> Path | None:
         return Path(self.spool_dir).expanduser() if self.spool_dir else None

@@ -37,7 +37,8 @@ from osd.engine import build_engine
 from osd.http import build_app
 from osd.recorder import Recorder
 from osd.registry import DraftRegistry, RegistryError
-from osd.serving import ServingCore, ServingError
+from osd.router import Router, template_affixes
+from osd.serving import DEFAULT_CLUSTER, ServingCore, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ def _recorder(buffer: RecordBuffer, config: OsdAppConfig) -> Recorder:
     raise RuntimeError(f"no free spool directory under {root}: are 4096 replicas using it?")
 
 
+def _router(config: OsdAppConfig, engine) -> Router | None:
+    """The query-cluster router on the app's Redis (shared by every replica), or None when off."""
+    if not config.router.enabled:
+        return None
+    embeddings = engine.target.get_input_embeddings().weight.detach()  # [V, d], shared with the target
+    return Router(config.router, embeddings, config.require_redis_url(), template=template_affixes(engine.tokenizer))
+
+
 @serve.deployment(name=SERVER_DEPLOYMENT)
 @serve.ingress()
 class OsdServer:
@@ -76,9 +85,11 @@ class OsdServer:
         self.recorder = _recorder(self.buffer, cfg)
         self.registry = DraftRegistry.from_config(cfg.registry_config())
         self.dashboard = cfg.dashboard_store()
+        self.router = _router(cfg, engine)
         self.core = ServingCore(engine, cfg.model_name, recorder=self.recorder, registry=self.registry,
                                 max_prompt_tokens=cfg.max_prompt_tokens, dashboard=self.dashboard,
-                                buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()))
+                                buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()),
+                                router=self.router, max_cluster_drafts=cfg.max_cluster_drafts)
         self.ray_metrics = ray_metrics
         self.trainer = trainer
         self._sync_errors: dict[str, str] = {}
@@ -112,7 +123,7 @@ class OsdServer:
 
     def _sync_all(self) -> dict[str, int]:
         """Load each cluster's live registry version that differs from ours; cluster -> version held."""
-        for cluster in sorted(set(self.registry.clusters()) | {self.config.cluster}):
+        for cluster in self.core.clusters_to_sync(self.registry.clusters()) or [DEFAULT_CLUSTER]:
             try:
                 self.core.sync_from_registry(cluster=cluster)
                 self._sync_errors.pop(cluster, None)

@@ -24,6 +24,7 @@ promoted draft it broadcasts ``sync_drafts`` to the replicas; one that misses th
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -45,11 +46,13 @@ from osd.registry import DraftRegistry
 from trainers.config import DistillConfig
 from trainers.distiller import OnlineDistiller, UpdateResult
 from trainers.gate import PromotionGate
+from trainers.scheduler import BacklogScheduler
 from trainers.replay import _Live, _promote, load_live_draft
 
 log = logging.getLogger(__name__)
 
 TRAINER_NAMESPACE = "osd"
+DEFAULT_CLUSTER = "global"
 
 
 def trainer_actor_name(app_name: str) -> str:
@@ -136,7 +139,10 @@ class TrainerLoop:
         self.metrics = metrics  # Ray metrics of updates and backlog (None outside Ray)
         self._last_backlog = float("-inf")
         self.holder = _DraftHolder(draft)
+        self.base_version = 0  # the global version a cluster without a lineage of its own starts from
         self.live = _Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve
+        if self.live.version == 0:
+            self._start_from_global()
         self.distiller = OnlineDistiller(self.holder.draft, self.distill)
         self.gate = PromotionGate.from_config(self.distill)
         sock_ms = int(buffer.config.socket_timeout_s * 1000)
@@ -158,13 +164,6 @@ class TrainerLoop:
         self.last_load: int | None = None
         self.last_gate: dict | None = None
         self.last_error: str | None = None
-
-    @classmethod
-    def from_config(cls, config: OsdAppConfig, **kwargs) -> TrainerLoop:
-        draft = build_draft_template(config.models)
-        return cls(draft, RecordBuffer(config.buffer_config()), DraftRegistry.from_config(config.registry_config()),
-                   config.distill, config.trainer, cluster=config.cluster, consumer=config.consumer_name(),
-                   dashboard=config.dashboard_store(), **kwargs)
 
     # -- control (any thread) ------------------------------------------------------------------
 
@@ -325,10 +324,13 @@ class TrainerLoop:
 
     def _follow_registry(self) -> None:
         """Judge against, and publish on top of, the registry's live version, even if someone else
-        (an admin rollback) moved it since our last promotion."""
+        (an admin rollback) moved it since our last promotion. A cluster without a lineage of its
+        own is served the global draft, so that is what its candidates must beat."""
         manifest = self.registry.live(self.cluster)
         version = manifest.version if manifest else 0
         if version == self.live.version:
+            if version == 0:
+                self._start_from_global()
             return
         if manifest is None:  # the registry lost its lineage (e.g. a flushed Redis): start one afresh
             log.warning("trainer: the registry has no live draft for %r any more; next promotion starts its lineage",
@@ -337,6 +339,19 @@ class TrainerLoop:
             log.info("trainer: registry live moved v%d -> v%d; gating against it", self.live.version, version)
             load_live_draft(self.holder, self.registry, self.cluster)
         self.live.version = version
+
+    def _start_from_global(self) -> None:
+        """A new cluster's draft starts from (and is judged against) the global draft replicas
+        serve it until the cluster has versions of its own."""
+        if self.cluster == DEFAULT_CLUSTER:
+            return
+        manifest = self.registry.live(DEFAULT_CLUSTER)
+        if manifest is None or manifest.version == self.base_version:
+            return
+        load_live_draft(self.holder, self.registry, DEFAULT_CLUSTER)
+        self.base_version = manifest.version
+        log.info("trainer: cluster %r has no draft of its own yet; starting from global v%d", self.cluster,
+                 manifest.version)
 
     def _ack_settled(self) -> None:
         # Ack only what the distiller no longer holds as pending: trained on, or held out.
@@ -371,10 +386,177 @@ class TrainerLoop:
         }
 
     def close(self) -> None:
+        """Stop and close the buffer connection (the dashboard store may be shared: its owner closes it)."""
         self.stop()
+        self.buffer.close()
+
+
+class ClusterTrainers:
+    """One TrainerLoop per query cluster behind a single ``step()``; a BacklogScheduler picks whose
+    turn it is (fair by backlog).
+
+    Clusters are discovered from the buffer's streams (``clusters`` None) or fixed. At most
+    ``max_clusters`` loops live at once (each holds a draft copy and optimizer state); past the
+    cap the least recently stepped one is closed. Nothing is lost by that: its unacked entries
+    stay pending in Redis under its stable consumer name, and a new loop for the cluster
+    re-reads them first, exactly as after a crash.
+    """
+
+    def __init__(self, make_loop: Callable[[str], TrainerLoop], buffer: RecordBuffer,
+                 settings: TrainerSettings | None = None, clusters: list[str] | None = None,
+                 scheduler: BacklogScheduler | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.make_loop, self.buffer = make_loop, buffer
+        self.settings = settings or TrainerSettings()
+        self.fixed = clusters
+        self.scheduler = scheduler or BacklogScheduler()
+        self.clock = clock
+        self.dashboard: DashboardStore | None = None  # shared by the loops; closed here
+        self.loops: dict[str, TrainerLoop] = {}
+        self.last_stepped: dict[str, float] = {}
+        self.evictions = 0
+        self.known: list[str] = []  # clusters to train, from the last discovery
+        self._last_discovery = float("-inf")
+        self._stop = threading.Event()
+        self._paused = False
+        self._lock = threading.Lock()  # loops dict: status() reads it from another thread
+
+    @classmethod
+    def from_config(cls, config: OsdAppConfig, **loop_kwargs) -> ClusterTrainers:
+        """A loop per cluster from the app config (one draft template, copied per cluster), one
+        dashboard store shared by all; ``trainer.consumer`` names the consumer of a single fixed cluster."""
+        template = build_draft_template(config.models)
+        registry = DraftRegistry.from_config(config.registry_config())
+        dashboard = config.dashboard_store()
+        settings = config.trainer
+        clusters = settings.clusters
+
+        def make_loop(cluster: str) -> TrainerLoop:
+            consumer = settings.consumer if settings.consumer and clusters == [cluster] else f"trainer-{cluster}"
+            return TrainerLoop(copy.deepcopy(template), RecordBuffer(config.buffer_config()), registry,
+                               config.distill, settings, cluster=cluster, consumer=consumer, dashboard=dashboard,
+                               **loop_kwargs)
+
+        trainers = cls(make_loop, RecordBuffer(config.buffer_config()), settings, clusters)
+        trainers.dashboard = dashboard
+        return trainers
+
+    def discover(self) -> list[str]:
+        """Clusters to train: the fixed list, else every cluster with a buffer stream (global first)."""
+        if self.fixed is not None:
+            return list(self.fixed)
+        return sorted(set(self.buffer.clusters()), key=lambda c: (c != DEFAULT_CLUSTER, c))
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        if now - self._last_discovery >= self.settings.discovery_interval_s:
+            self._last_discovery = now
+            self.known = self.discover()
+
+    def _open(self, cluster: str) -> TrainerLoop:
+        while len(self.loops) >= self.settings.max_clusters:
+            coldest = min(self.loops, key=lambda c: self.last_stepped.get(c, float("-inf")))
+            log.info("trainer: %d cluster trainers live (max_clusters); closing the coldest, %r", len(self.loops),
+                     coldest)
+            with self._lock:
+                loop = self.loops.pop(coldest)
+            loop.close()
+            self.evictions += 1
+        loop = self.make_loop(cluster)
+        if self._paused:
+            loop.pause(wait_s=0)
+        with self._lock:
+            self.loops[cluster] = loop
+        log.info("trainer: training cluster %r (live v%d)", cluster, loop.live.version)
+        return loop
+
+    def backlog(self, cluster: str) -> int:
+        """Records waiting for ``cluster``: undelivered, pending (its loop's or an earlier one's, to
+        redo), and held for its loop's next update. A live loop recovering or holding records
+        counts at least 1, so it gets stepped."""
+        stats = self.buffer.stats(cluster)
+        loop = self.loops.get(cluster)
+        if loop is None:
+            return (stats.lag or 0) + stats.pending
+        return (stats.lag or 0) + len(loop.distiller.pending_records) + int(loop._recovering)
+
+    def step(self) -> int:
+        """Step the cluster the scheduler picks (opening its loop if needed); with no backlog
+        anywhere, wait one poll interval."""
+        self._refresh()
+        full = len(self.loops) >= self.settings.max_clusters
+        backlogs = {}
+        for cluster in self.known:
+            b = self.backlog(cluster)
+            # At the cap, opening a loop closes another: ask twice the backlog before switching (no thrash).
+            backlogs[cluster] = b // 2 if full and cluster not in self.loops else b
+        chosen = self.scheduler.pick(backlogs)
+        if chosen is None:
+            self._stop.wait(self.settings.poll_interval_s)
+            return 0
+        loop = self.loops.get(chosen) or self._open(chosen)
+        self.last_stepped[chosen] = self.clock()
+        return loop.step()
+
+    def run(self) -> None:
+        """Step until ``stop()``; like TrainerLoop.run, outages back off and never end the loop."""
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = 0.1
+            except SimulatedCrash:
+                raise
+            except Exception as e:
+                log.warning("trainer: %s: %s; retrying in %.1fs", type(e).__name__, e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- control and introspection (any thread) --------------------------------------------------
+
+    def pause(self, wait_s: float = 60.0) -> bool:
+        self._paused = True
+        return all([loop.pause(wait_s) for loop in self._snapshot()])
+
+    def resume(self) -> None:
+        self._paused = False
+        for loop in self._snapshot():
+            loop.resume()
+
+    def arm_crash(self) -> None:
+        for loop in self._snapshot():
+            loop.arm_crash()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for loop in self._snapshot():
+            loop.stop()
+
+    def close(self) -> None:
+        self.stop()
+        for loop in self._snapshot():
+            loop.close()
         self.buffer.close()
         if self.dashboard is not None:
             self.dashboard.close()
+
+    def _snapshot(self) -> list[TrainerLoop]:
+        with self._lock:
+            return list(self.loops.values())
+
+    def status(self) -> dict:
+        """Counters summed over clusters (the single-cluster shape), plus ``clusters``: each loop's status."""
+        with self._lock:
+            per = {c: loop.status() for c, loop in self.loops.items()}
+        summed = {k: sum(s[k] for s in per.values()) for k in
+                  ("records_read", "records_recovered", "records_reclaimed", "records_trained", "acked", "updates",
+                   "promotions", "rejections", "errors", "records_held_out", "records_pending", "unacked",
+                   "duplicates")}
+        main = per.get(DEFAULT_CLUSTER) or next(iter(per.values()), {})
+        return {**summed, "clusters": per, "evictions": self.evictions,
+                "live_version": main.get("live_version", 0), "last_gate": main.get("last_gate"),
+                "paused": self._paused or any(s["paused"] for s in per.values()),
+                "recovering": any(s["recovering"] for s in per.values()),
+                "last_error": next((s["last_error"] for s in per.values() if s["last_error"]), None)}
 
 
 # --------------------------------------------------------------------------- Ray
@@ -431,13 +613,13 @@ class TrainerActor:
             self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         replicas = (ServingReplicas(app_name, server_deployment, cfg.trainer.load_timeout_s)
                     if app_name and server_deployment else None)
-        self.loop = TrainerLoop.from_config(cfg, load=replicas and replicas.load,
-                                            on_publish=replicas and replicas.sync_drafts, crash=_die,
-                                            metrics=RayTrainerMetrics())
+        self.loop = ClusterTrainers.from_config(cfg, load=replicas and replicas.load,
+                                                on_publish=replicas and replicas.sync_drafts, crash=_die,
+                                                metrics=RayTrainerMetrics())
         self._thread = threading.Thread(target=self.loop.run, name="osd-trainer", daemon=True)
         self._thread.start()
-        log.info("trainer %s started (%s), live v%d", self.loop.consumer,
-                 "restarted" if self.restarted else "first start", self.loop.live.version)
+        log.info("trainer started (%s) for clusters %s", "restarted" if self.restarted else "first start",
+                 cfg.trainer.clusters or "as they appear")
 
     def status(self) -> dict:
         return {**self.loop.status(), "restarted": self.restarted, "pid": os.getpid(),

@@ -61,7 +61,7 @@ class _Request(BaseModel):
 class OsdOptions(_Request):
     """The ``osd`` request extension."""
 
-    cluster: str | None = Field(None, description="Query cluster whose draft should serve this request; None = 'global'.")
+    cluster: str | None = Field(None, description="Pin the request to this query cluster (its draft serves it, its record trains it); None = the router decides ('global' when routing is off).")
 
 
 class StreamOptions(_Request):
@@ -170,7 +170,10 @@ class OsdStats(BaseModel):
     """The ``osd`` response extension: which draft served the request and how well it did."""
 
     draft_version: int = Field(description="Draft version used for the whole request (0 = the initial draft).")
-    cluster: str = Field(description="Cluster whose draft served the request.")
+    cluster: str = Field(description="Query cluster of the request (pinned by the client or chosen by the router); "
+                                     "its training record joins this cluster's buffer.")
+    draft_cluster: str = Field(description="Whose draft served it: the cluster's own, or 'global' until the "
+                                           "cluster has one on this replica.")
     proposed: int = Field(description="Draft tokens proposed.")
     accepted: int = Field(description="Draft tokens the target accepted.")
     rounds: int = Field(description="Speculative rounds (target verifications with at least one proposal).")

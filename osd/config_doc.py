@@ -23,8 +23,9 @@ def all_config_models() -> list[type[BaseModel]]:
     from osd.buffer import BufferConfig
     from osd.config import EngineConfig, ModelConfig, SamplingParams
     from osd.dashboard import DashboardConfig
+    from osd.router import RouterConfig
     from osd.registry import RegistryConfig
     from trainers.config import DistillConfig
 
     return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, SamplingParams, BufferConfig, RegistryConfig,
-            DistillConfig, DashboardConfig]
+            DistillConfig, DashboardConfig, RouterConfig]

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -48,6 +48,7 @@ from osd.engine import Generation, RequestError, SpeculativeEngine
 from osd.models import DraftModel
 from osd.recorder import Recorder
 from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _spec_diff, tensor_specs
+from osd.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class LiveDraft:
 
     version: int  # 0 = the initial draft built from the target
     draft: DraftModel | None  # None: target-only decoding
+    lineage: str = DEFAULT_CLUSTER  # whose versions these are: a cluster without its own draft runs global's
 
 
 # --------------------------------------------------------------------------- metrics
@@ -81,7 +83,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                                   REQUEST_LABELS),
     "osd:spec_decode_alpha_count": ("Verified positions contributing to alpha_sum.", REQUEST_LABELS),
     "osd:target_forwards": ("Target decode forwards (prefill excluded).", REQUEST_LABELS),
-    "osd:draft_swaps": ("Draft swaps on this replica, by outcome (ok / refused).", ("cluster", "outcome")),
+    "osd:draft_swaps": ("Draft swaps on this replica, by outcome (ok / refused / evicted).", ("cluster", "outcome")),
 }
 # name -> (help, bucket upper bounds); labelled by REQUEST_LABELS. One observation per finished request.
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -387,8 +389,11 @@ class ServingCore:
     def __init__(self, engine: SpeculativeEngine, model_name: str = "osd", *, recorder: Recorder | None = None,
                  registry: DraftRegistry | None = None, draft_version: int = 0,
                  max_prompt_tokens: int | None = None, dashboard: DashboardStore | None = None,
-                 buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None) -> None:
+                 buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None,
+                 router: Router | None = None, max_cluster_drafts: int = 8) -> None:
         self.engine = engine
+        self.router = router  # None: requests that name no cluster go to 'global'
+        self.max_cluster_drafts = max_cluster_drafts  # cluster drafts held besides global's (LRU beyond)
         self.dashboard = dashboard  # history for /dashboard (None: no dashboard)
         self.buffer = buffer  # only read, for the backlog gauges on /metrics
         self.tokenizer = engine.tokenizer
@@ -400,7 +405,10 @@ class ServingCore:
         self.max_prompt_tokens = min(max_prompt_tokens or engine.context_window - 1, engine.context_window - 1)
         self.metrics = ServingMetrics(metrics_mirror)
         self.started = int(time.time())
-        self._drafts: dict[str, LiveDraft] = {DEFAULT_CLUSTER: LiveDraft(draft_version, engine.draft)}
+        # global first, then clusters from least to most recently used (an LRU under max_cluster_drafts)
+        self._drafts: OrderedDict[str, LiveDraft] = OrderedDict({DEFAULT_CLUSTER: LiveDraft(draft_version,
+                                                                                            engine.draft)})
+        self._wanted: set[str] = set()  # clusters requests asked for that this replica holds no draft of
         self._pair_lock = threading.Lock()  # held only to read or replace a pair
         self._swap_lock = threading.RLock()  # one draft build/sync at a time (never held by requests)
         self._generate_lock = threading.Lock()  # the engine runs one request at a time
@@ -454,9 +462,7 @@ class ServingCore:
         return SSEStream(self, self._prepare(_coerce(req, ChatCompletionRequest)))
 
     def _prepare(self, req: CompletionRequest | ChatCompletionRequest) -> _Prepared:
-        if req.model not in (None, "", self.model_name):
-            raise ServingError(404, f"model {req.model!r} is not served here; use {self.model_name!r} "
-                                    "(GET /v1/models)", "model", "model_not_found")
+        pinned = self._pinned_cluster(req)
         params = to_sampling_params(req)
         chat = isinstance(req, ChatCompletionRequest)
         if chat:
@@ -480,20 +486,26 @@ class ServingCore:
             self.engine.validate(prompt_ids, params)
         except RequestError as e:
             raise ServingError(400, str(e), "max_tokens", "context_length_exceeded") from e
+        cluster = pinned or (self.router.route(prompt_ids) if self.router is not None else DEFAULT_CLUSTER)
         return _Prepared(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), prompt_ids,
-                         params, self._route(req.osd.cluster if req.osd else None),
-                         bool(req.stream_options and req.stream_options.include_usage))
+                         params, cluster, bool(req.stream_options and req.stream_options.include_usage))
 
-    def _route(self, requested: str | None) -> str:
-        """The cluster whose draft serves a request: the requested one if this replica holds a
-        draft for it, else 'global' (a cluster gets its own draft once the registry has one)."""
-        if requested is None:
-            return DEFAULT_CLUSTER
-        if not _CLUSTER_RE.match(requested):
-            raise ServingError(400, f"invalid cluster name {requested!r}: use 1-128 characters from [A-Za-z0-9_.-]",
-                               "osd.cluster")
-        with self._pair_lock:
-            return requested if requested in self._drafts else DEFAULT_CLUSTER
+    def _pinned_cluster(self, req: CompletionRequest | ChatCompletionRequest) -> str | None:
+        """The cluster a client pinned: ``"model": "<model>:<cluster>"`` or ``"osd": {"cluster": ...}``
+        (they must agree); None lets the router choose."""
+        name, _, from_model = (req.model or "").partition(":")
+        if name not in ("", self.model_name):
+            raise ServingError(404, f"model {req.model!r} is not served here; use {self.model_name!r} or "
+                                    f"'{self.model_name}:<cluster>' (GET /v1/models)", "model", "model_not_found")
+        from_field = req.osd.cluster if req.osd else None
+        if from_model and from_field and from_model != from_field:
+            raise ServingError(400, f"the model names cluster {from_model!r} but osd.cluster is {from_field!r}; "
+                                    "send one of them", "osd.cluster")
+        pinned = from_model or from_field
+        if pinned is not None and not _CLUSTER_RE.match(pinned):
+            raise ServingError(400, f"invalid cluster name {pinned!r}: use 1-128 characters from [A-Za-z0-9_.-]",
+                               "model" if from_model else "osd.cluster")
+        return pinned
 
     def _generate(self, prep: _Prepared, on_tokens: Callable[[list[int]], None] | None = None,
                   cancel: threading.Event | None = None) -> tuple[Generation, str, LiveDraft]:
@@ -525,7 +537,7 @@ class ServingCore:
 
     def _osd_stats(self, gen: Generation, cluster: str, live: LiveDraft) -> OsdStats:
         s = gen.stats
-        return OsdStats(draft_version=live.version, cluster=cluster, proposed=s.proposed, accepted=s.accepted,
+        return OsdStats(draft_version=live.version, cluster=cluster, draft_cluster=live.lineage, proposed=s.proposed, accepted=s.accepted,
                         rounds=s.rounds, mean_acceptance_length=s.mean_acceptance_length, alpha_hat=s.alpha_hat,
                         target_forwards=s.target_forwards)
 
@@ -543,9 +555,24 @@ class ServingCore:
     # -- drafts ----------------------------------------------------------------------------------
 
     def live_draft(self, cluster: str = DEFAULT_CLUSTER) -> LiveDraft:
-        """The pair a request for ``cluster`` would use now (global's if the cluster has none)."""
+        """The pair a request for ``cluster`` would use now: its own, else global's (and the cluster
+        is noted as wanted, so the next registry sync loads its draft if it has one)."""
         with self._pair_lock:
-            return self._drafts.get(cluster) or self._drafts[DEFAULT_CLUSTER]
+            live = self._drafts.get(cluster)
+            if live is None:
+                self._wanted.add(cluster)
+                return self._drafts[DEFAULT_CLUSTER]
+            if cluster != DEFAULT_CLUSTER:
+                self._drafts.move_to_end(cluster)  # most recently used
+            return live
+
+    def clusters_to_sync(self, registry_clusters: list[str]) -> list[str]:
+        """Of the registry's clusters, those to keep in step: global, the ones held, and the ones
+        requests wanted since the last call (loading one past the cap evicts the coldest)."""
+        with self._pair_lock:
+            wanted, self._wanted = self._wanted, set()
+            keep = set(self._drafts) | wanted
+        return [c for c in sorted(registry_clusters) if c in keep or c == DEFAULT_CLUSTER]
 
     def swap_draft(self, version: int, state_dict: Mapping[str, torch.Tensor],
                    cluster: str = DEFAULT_CLUSTER) -> LiveDraft:
@@ -558,7 +585,7 @@ class ServingCore:
         if not _CLUSTER_RE.match(cluster):
             raise ValueError(f"invalid cluster name {cluster!r}: use 1-128 characters from [A-Za-z0-9_.-]")
         with self._swap_lock:
-            template = self.live_draft(cluster).draft
+            template = self._drafts[DEFAULT_CLUSTER].draft  # every cluster's draft has global's construction
             if template is None:
                 self.metrics.observe_swap(cluster, "refused")
                 raise DraftMismatchError("this replica serves without a draft (draft 'none'), so there is no "
@@ -576,13 +603,25 @@ class ServingCore:
             except RuntimeError as e:
                 self.metrics.observe_swap(cluster, "refused")
                 raise DraftMismatchError(f"draft v{version} for cluster {cluster!r} failed to load: {e}") from e
-            live = LiveDraft(version, new.eval().requires_grad_(False))
+            live = LiveDraft(version, new.eval().requires_grad_(False), cluster)
             with self._pair_lock:
                 old = self._drafts.get(cluster)
                 self._drafts[cluster] = live
+                self._drafts.move_to_end(cluster)
+                self._evict_cold_drafts()
         self.metrics.observe_swap(cluster, "ok")
         log.info("cluster %r: draft v%s -> v%s", cluster, old.version if old else None, version)
         return live
+
+    def _evict_cold_drafts(self) -> None:
+        """Beyond max_cluster_drafts, drop the least recently used cluster drafts (their requests fall
+        back to global's until a request wants them again). Callers hold _pair_lock."""
+        while len(self._drafts) - 1 > self.max_cluster_drafts:
+            cold = next(c for c in self._drafts if c != DEFAULT_CLUSTER)
+            log.info("cluster %r: draft v%d evicted (max_cluster_drafts=%d)", cold, self._drafts[cold].version,
+                     self.max_cluster_drafts)
+            del self._drafts[cold]
+            self.metrics.observe_swap(cold, "evicted")
 
     def sync_from_registry(self, registry: DraftRegistry | None = None,
                            cluster: str = DEFAULT_CLUSTER) -> LiveDraft | None:
@@ -601,7 +640,7 @@ class ServingCore:
                 current = self._drafts.get(cluster)
             if manifest is None or (current is not None and current.version == manifest.version):
                 return None
-            template = self.live_draft(cluster).draft
+            template = self._drafts[DEFAULT_CLUSTER].draft
             if template is None:
                 raise DraftMismatchError("this replica serves without a draft; it cannot load registry drafts")
             state = registry.load_validated(cluster, manifest.version, tensor_specs(template.model.state_dict()))

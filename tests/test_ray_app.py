@@ -85,7 +85,6 @@ def test_app_config_validates_and_resolves_redis_and_token_from_the_environment(
     config = OsdAppConfig.model_validate({"trainer": {"num_gpus": 1}, "distill": {"device": "cuda"}})
     assert config.buffer_config().redis_url == config.registry_config().redis_url == "redis://10.0.0.5:6380/1"
     assert config.registry_config().backend == "redis" and config.resolved_admin_token() == "from-env"
-    assert config.consumer_name() == "trainer-global"
     assert OsdAppConfig.model_validate(config.model_dump(mode="json")) == config  # what replicas receive
     app_builder(config.model_dump(mode="json"))  # builds (deploys nothing)
 

@@ -215,11 +215,43 @@ def test_stream_text_holds_back_stop_prefixes_eos_and_overshoot(stack):
 def test_cluster_extension(stack):
     core, client, target = stack["core"], stack["client"], stack["target"]
     resp = client.completions.create(model=MODEL, prompt="abc", extra_body={"osd": {"cluster": "math"}}, **GREEDY)
-    assert resp.model_extra["osd"]["cluster"] == "global"  # no 'math' draft on this replica yet
+    osd = resp.model_extra["osd"]
+    assert (osd["cluster"], osd["draft_cluster"]) == ("math", "global")  # no 'math' draft on this replica yet
+    assert stack["recorder"].flush()
+    assert stack["sink"].records[-1].cluster == "math"  # its record trains the math cluster
+    assert "math" in core.clusters_to_sync(["global", "math", "code"])  # wanted: the next sync loads it
     core.swap_draft(5, draft_state(target, 0.1, seed=3), cluster="math")
-    resp = client.completions.create(model=MODEL, prompt="abc", extra_body={"osd": {"cluster": "math"}}, **GREEDY)
-    assert resp.model_extra["osd"]["cluster"] == "math" and resp.model_extra["osd"]["draft_version"] == 5
+    resp = client.completions.create(model=f"{MODEL}:math", prompt="abc", **GREEDY)  # pinned through the model
+    osd = resp.model_extra["osd"]
+    assert (osd["cluster"], osd["draft_cluster"], osd["draft_version"]) == ("math", "math", 5)
     assert resp.choices[0].text == greedy_text(stack, core.encode_prompt("abc"))[0]
+    assert core.clusters_to_sync(["global", "math", "code"]) == ["global", "math"]  # code: never asked for
+    with pytest.raises(openai.BadRequestError, match="send one of them"):
+        client.completions.create(model=f"{MODEL}:math", prompt="abc", extra_body={"osd": {"cluster": "code"}},
+                                  **GREEDY)
+    with pytest.raises(openai.BadRequestError, match="invalid cluster name"):
+        client.completions.create(model=f"{MODEL}:no way", prompt="abc", **GREEDY)
+
+
+def test_cluster_drafts_are_capped_least_recently_used_first(stack):
+    core, target = stack["core"], stack["target"]
+    cap = core.max_cluster_drafts
+    core.max_cluster_drafts = 2
+    try:
+        for i, cluster in enumerate(["lru-a", "lru-b"]):
+            core.swap_draft(1, draft_state(target, 0.1, seed=10 + i), cluster=cluster)
+        core.live_draft("lru-a")  # a request for lru-a: now lru-b is the coldest
+        core.swap_draft(1, draft_state(target, 0.1, seed=12), cluster="lru-c")
+        held = core.health()["drafts"]
+        assert "lru-b" not in held and {"global", "lru-a", "lru-c"} <= set(held)
+        assert len(held) - 1 <= 2
+        assert core.live_draft("lru-b").lineage == "global"  # falls back, and is wanted again
+        assert "lru-b" in core.clusters_to_sync(["global", "lru-a", "lru-b", "lru-c"])
+        assert core.metrics.value("osd:draft_swaps", cluster="lru-b", outcome="evicted") == 1
+    finally:
+        core.max_cluster_drafts = cap
+        for cluster in ("lru-a", "lru-c", "math"):
+            core._drafts.pop(cluster, None)
 
 
 # --------------------------------------------------------------------------- bad requests
