@@ -15,8 +15,8 @@ import redis
 import torch
 from pydantic import ValidationError
 
-from osd.router import (DISABLED_CLUSTER, ClusterState, FeatureExtractor, Router, RouterConfig, purity,
-                        strip_template, template_affixes)
+from osd.router import (DISABLED_CLUSTER, FeatureExtractor, Router, RouterConfig, purity, strip_template,
+                        template_affixes)
 
 VOCAB, DIM, KINDS = 512, 32, 4
 
@@ -176,6 +176,22 @@ def test_other_feature_settings_on_the_same_prefix_are_refused(emb, redis_url):
         assert other.route([1, 2, 3]) == "c0"
 
 
+def test_flushed_or_corrupt_redis_state_never_crashes_routing(emb, redis_url, caplog):
+    prompts, _ = synthetic_prompts(80, seed=9)
+    client = redis.Redis.from_url(redis_url)
+    with Router(CFG, emb, redis_url) as router:
+        for p in prompts[:40]:
+            router.route(p)
+        client.flushall()  # Redis is the truth: a wiped state starts over, ids from c0 again
+        caplog.set_level(logging.WARNING, logger="osd.router")
+        assert router.route(prompts[40]) == "c0" and router.clusters() == ["c0"]
+        assert any("vanished" in r.message for r in caplog.records)
+        client.set("osd:router:state", b"\x80not json")  # e.g. a pickle someone wrote
+        assert router.route(prompts[41]) == "c0"  # answered from the cached state
+        assert router.stats()["redis_up"] is False
+    client.close()
+
+
 # ---------------------------------------------------------------------------- replicas
 
 def test_two_replicas_interleaved_route_like_one_router(emb, redis_url):
@@ -324,8 +340,8 @@ def test_template_affixes_of_smollm2(smollm2_spec_bench):
 
 @pytest.mark.smollm2
 def test_spec_bench_kinds_land_in_their_own_clusters(smollm2_spec_bench, redis_url):
-    # Measured over 20 shuffled orders (k = 5, defaults): mean 0.961, 2nd-worst 0.95, these
-    # three orders 0.973 / 0.976 / 0.967. Plain mean without template stripping and length: 0.86.
+    # Measured over 20 shuffled orders (k = 5, defaults): mean 0.959, worst 0.924; these three
+    # orders 0.964 / 0.955 / 0.967. The plain mean (template kept, no length) at its best: 0.84.
     embeddings, template, prompts, labels, _ = smollm2_spec_bench
     cfg = RouterConfig(num_clusters=5)
     scores = [_shuffled_purity(Router(cfg, embeddings, template=template), prompts, labels, KINDS_5, seed)
@@ -343,7 +359,8 @@ def test_spec_bench_kinds_land_in_their_own_clusters(smollm2_spec_bench, redis_u
 
 @pytest.mark.smollm2
 def test_spec_bench_ngram_features_without_embeddings(smollm2_spec_bench):
-    # Measured over 10 orders (k = 5): mean 0.85, min 0.69; order 0 gives 0.87.
+    # Measured over 20 orders (k = 5, defaults): mean 0.82, worst 0.69 (two kinds share a
+    # cluster); order 0 gives 0.915. Weaker than the embedding features, but no model needed.
     _, template, prompts, labels, _ = smollm2_spec_bench
     router = Router(RouterConfig(num_clusters=5, features="ngram"), None, template=template)
-    assert _shuffled_purity(router, prompts, labels, KINDS_5, seed=0) >= 0.75
+    assert _shuffled_purity(router, prompts, labels, KINDS_5, seed=0) >= 0.85
