@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -68,6 +69,7 @@ class OsdAppConfig(_Strict):
     registry: RegistryConfig | None = Field(None, description="Draft registry; None = backend 'redis' on redis_url (every node of a Ray cluster reaches it). A file registry needs a path all replicas share.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Online distillation and promotion gate settings.")
     router: RouterConfig = Field(default_factory=lambda: RouterConfig(enabled=False), description="Query-cluster routing: which per-cluster draft serves a request that pins no cluster. Off by default (every such request goes to 'global'); see docs/clusters.md.")
+    cluster_drafts: Literal["full", "lora"] = Field("full", description="How cluster drafts differ: 'full' = each is a whole draft copy; 'lora' = shared-base mode, one base draft per replica plus a small LoRA adapter per cluster (global included), hot-swapped the same way; needs distill.mode='lora'.")
     max_cluster_drafts: int = Field(8, ge=0, le=1024, description="Per-cluster drafts a replica holds besides global's; past it the least recently used is dropped (its requests use global's until wanted again).")
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Drift dashboard history (in Redis on redis_url) and GET /dashboard.")
     admin_token: str | None = Field(None, description=f"Bearer token for state-changing /admin routes; None = ${ADMIN_TOKEN_ENV} in the replica's environment, else no auth.")
@@ -81,6 +83,12 @@ class OsdAppConfig(_Strict):
     draft_poll_interval_s: float = Field(2.0, gt=0, le=3600, description="How often each replica checks the registry for a live draft version other than its own (newer, or older after a rollback).")
     spool_dir: str | None = Field(None, description="Directory for records spooled while Redis is down; each replica claims its own replica-<i> subdirectory, so a restarted replica pushes what its predecessor left. None = memory only.")
     recorder_capacity: int = Field(10_000, ge=1, description="Records a replica holds for the buffer (queue + spool) before dropping the oldest (counted in /metrics).")
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> OsdAppConfig:
+        if self.cluster_drafts == "lora" and self.distill.mode != "lora":
+            raise ValueError("cluster_drafts='lora' (shared base + adapters) needs distill.mode='lora'")
+        return self
 
     @model_validator(mode="after")
     def _one_redis_url(self) -> OsdAppConfig:

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from actors.config import OsdAppConfig
 from actors.ray_metrics import RayServingMetrics
 from actors.trainer import start_trainer
+from osd.adapters import AdapterSpec, SharedBaseDrafts
 from osd.buffer import RecordBuffer
 from osd.engine import build_engine
 from osd.http import build_app
@@ -71,6 +72,13 @@ def _router(config: OsdAppConfig, engine) -> Router | None:
     return Router(config.router, embeddings, config.require_redis_url(), template=template_affixes(engine.tokenizer))
 
 
+def _shared_base(config: OsdAppConfig, engine) -> SharedBaseDrafts | None:
+    """Shared-base mode: the engine's initial draft becomes the base every cluster's adapter sits on."""
+    if config.cluster_drafts != "lora":
+        return None
+    return SharedBaseDrafts(engine.draft, AdapterSpec.from_distill_config(config.distill))
+
+
 @serve.deployment(name=SERVER_DEPLOYMENT)
 @serve.ingress()
 class OsdServer:
@@ -89,7 +97,8 @@ class OsdServer:
         self.core = ServingCore(engine, cfg.model_name, recorder=self.recorder, registry=self.registry,
                                 max_prompt_tokens=cfg.max_prompt_tokens, dashboard=self.dashboard,
                                 buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()),
-                                router=self.router, max_cluster_drafts=cfg.max_cluster_drafts)
+                                router=self.router, max_cluster_drafts=cfg.max_cluster_drafts,
+                                shared=_shared_base(cfg, engine))
         self.ray_metrics = ray_metrics
         self.trainer = trainer
         self._sync_errors: dict[str, str] = {}

@@ -40,9 +40,10 @@ from ray import serve
 from actors.config import OsdAppConfig, TrainerSettings
 from actors.ray_metrics import RayTrainerMetrics
 from osd.buffer import BufferUnavailable, Entry, RecordBuffer
+from osd.adapters import AdapterSpec, load_adapter_state_dict
 from osd.dashboard import DashboardStore
 from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, parse_dtype
-from osd.registry import DraftRegistry
+from osd.registry import DraftRegistry, tensor_specs
 from trainers.config import DistillConfig
 from trainers.distiller import OnlineDistiller, UpdateResult
 from trainers.gate import PromotionGate
@@ -129,7 +130,8 @@ class TrainerLoop:
                  cluster: str = "global", consumer: str | None = None,
                  load: Callable[[], int | None] | None = None, on_publish: Callable[[int], None] | None = None,
                  crash: Callable[[], None] = _raise_crash, clock: Callable[[], float] = time.monotonic,
-                 dashboard: DashboardStore | None = None, metrics: RayTrainerMetrics | None = None) -> None:
+                 dashboard: DashboardStore | None = None, metrics: RayTrainerMetrics | None = None,
+                 publish_adapters: bool = False) -> None:
         self.settings = settings or TrainerSettings()
         self.distill = distill or DistillConfig()
         self.buffer, self.registry, self.cluster = buffer, registry, cluster
@@ -140,10 +142,20 @@ class TrainerLoop:
         self._last_backlog = float("-inf")
         self.holder = _DraftHolder(draft)
         self.base_version = 0  # the global version a cluster without a lineage of its own starts from
-        self.live = _Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve
+        # Shared-base mode: publish LoRA adapters, a delta on the initial draft every replica holds
+        # as its base, so the distiller trains on that base and live versions load as adapters.
+        self.publish_adapters = publish_adapters
+        if publish_adapters:
+            if self.distill.mode != "lora":
+                raise ValueError("publishing adapters (cluster_drafts='lora') needs distill.mode='lora'")
+            self.distiller = OnlineDistiller(draft, self.distill)
+            self.live = _Live(self._load_adapter(cluster))
+        else:
+            self.live = _Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve
         if self.live.version == 0:
             self._start_from_global()
-        self.distiller = OnlineDistiller(self.holder.draft, self.distill)
+        if not publish_adapters:
+            self.distiller = OnlineDistiller(self.holder.draft, self.distill)
         self.gate = PromotionGate.from_config(self.distill)
         sock_ms = int(buffer.config.socket_timeout_s * 1000)
         self.block_ms = max(1, min(int(self.settings.poll_interval_s * 1000), sock_ms - 100))
@@ -302,7 +314,10 @@ class TrainerLoop:
         self._follow_registry()
         decision = self.gate.decide(self.distiller.draft, self.holder.draft, self.distiller.holdout)
         if decision.promote:
-            _promote(self.holder, self.distiller, self.registry, self.cluster, self.live, result, decision)
+            if self.publish_adapters:
+                self._promote_adapter(result, decision)
+            else:
+                _promote(self.holder, self.distiller, self.registry, self.cluster, self.live, result, decision)
             if self.on_publish is not None:
                 self.on_publish(self.live.version)  # broadcast; replicas that miss it find it at their next poll
         if self.dashboard is not None:
@@ -337,7 +352,10 @@ class TrainerLoop:
                         self.cluster)
         else:
             log.info("trainer: registry live moved v%d -> v%d; gating against it", self.live.version, version)
-            load_live_draft(self.holder, self.registry, self.cluster)
+            if self.publish_adapters:
+                self._load_adapter(self.cluster)
+            else:
+                load_live_draft(self.holder, self.registry, self.cluster)
         self.live.version = version
 
     def _start_from_global(self) -> None:
@@ -348,10 +366,35 @@ class TrainerLoop:
         manifest = self.registry.live(DEFAULT_CLUSTER)
         if manifest is None or manifest.version == self.base_version:
             return
-        load_live_draft(self.holder, self.registry, DEFAULT_CLUSTER)
+        if self.publish_adapters:
+            self._load_adapter(DEFAULT_CLUSTER)
+        else:
+            load_live_draft(self.holder, self.registry, DEFAULT_CLUSTER)
         self.base_version = manifest.version
         log.info("trainer: cluster %r has no draft of its own yet; starting from global v%d", self.cluster,
                  manifest.version)
+
+    def _load_adapter(self, lineage: str) -> int:
+        """Shared-base mode: train on from ``lineage``'s live adapter and judge against it (merged);
+        returns its version (0, and nothing loaded, when it has none)."""
+        manifest = self.registry.live(lineage)
+        if manifest is None:
+            return 0
+        specs = tensor_specs(self.distiller.export_adapter_state_dict())
+        load_adapter_state_dict(self.distiller._peft, self.registry.load_validated(lineage, manifest.version, specs))
+        self.holder.draft = self.distiller.candidate()
+        return manifest.version
+
+    def _promote_adapter(self, result: UpdateResult, decision) -> None:
+        """Shared-base mode's publish: the adapter tensors, with the rank and alpha replicas need."""
+        cfg = self.distill
+        manifest = self.registry.publish(
+            self.cluster, self.distiller.export_adapter_state_dict(), parent=self.live.version, loss=result.loss,
+            gate_alpha=decision.candidate_alpha,
+            meta={"loss_name": cfg.loss, "mode": cfg.mode, "records_seen": result.records_seen,
+                  **AdapterSpec.from_distill_config(cfg).to_meta()})
+        self.holder.draft = self.distiller.candidate()
+        self.live.version = manifest.version
 
     def _ack_settled(self) -> None:
         # Ack only what the distiller no longer holds as pending: trained on, or held out.
@@ -434,7 +477,7 @@ class ClusterTrainers:
             consumer = settings.consumer if settings.consumer and clusters == [cluster] else f"trainer-{cluster}"
             return TrainerLoop(copy.deepcopy(template), RecordBuffer(config.buffer_config()), registry,
                                config.distill, settings, cluster=cluster, consumer=consumer, dashboard=dashboard,
-                               **loop_kwargs)
+                               publish_adapters=config.cluster_drafts == "lora", **loop_kwargs)
 
         trainers = cls(make_loop, RecordBuffer(config.buffer_config()), settings, clusters)
         trainers.dashboard = dashboard

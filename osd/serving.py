@@ -49,6 +49,7 @@ from osd.models import DraftModel
 from osd.recorder import Recorder
 from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _spec_diff, tensor_specs
 from osd.router import Router
+from osd.adapters import SharedBaseDrafts
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +391,14 @@ class ServingCore:
                  registry: DraftRegistry | None = None, draft_version: int = 0,
                  max_prompt_tokens: int | None = None, dashboard: DashboardStore | None = None,
                  buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None,
-                 router: Router | None = None, max_cluster_drafts: int = 8) -> None:
+                 router: Router | None = None, max_cluster_drafts: int = 8,
+                 shared: SharedBaseDrafts | None = None) -> None:
         self.engine = engine
+        # Shared-base mode: one base draft, clusters differ by LoRA adapters. The wrapped base must
+        # only be called through its AdapterDrafts, so the engine's default draft becomes the bare base.
+        self.shared = shared
+        if shared is not None:
+            engine.draft = shared.base_draft()
         self.router = router  # None: requests that name no cluster go to 'global'
         self.max_cluster_drafts = max_cluster_drafts  # cluster drafts held besides global's (LRU beyond)
         self.dashboard = dashboard  # history for /dashboard (None: no dashboard)
@@ -575,9 +582,10 @@ class ServingCore:
         return [c for c in sorted(registry_clusters) if c in keep or c == DEFAULT_CLUSTER]
 
     def swap_draft(self, version: int, state_dict: Mapping[str, torch.Tensor],
-                   cluster: str = DEFAULT_CLUSTER) -> LiveDraft:
-        """Make ``state_dict`` (names as ``DraftModel.model.state_dict()``, what the registry stores)
-        the live draft of ``cluster`` as ``version``.
+                   cluster: str = DEFAULT_CLUSTER, meta: Mapping[str, Any] | None = None) -> LiveDraft:
+        """Make ``state_dict`` the live draft of ``cluster`` as ``version``: whole draft weights (names
+        as ``DraftModel.model.state_dict()``), or, in shared-base mode, LoRA adapter tensors
+        (``meta``: the registry manifest's, with the adapter's rank and alpha).
 
         Built and validated beside the live draft; a mismatch raises DraftMismatchError and
         the live draft stays. Running requests keep the draft they started with.
@@ -585,43 +593,59 @@ class ServingCore:
         if not _CLUSTER_RE.match(cluster):
             raise ValueError(f"invalid cluster name {cluster!r}: use 1-128 characters from [A-Za-z0-9_.-]")
         with self._swap_lock:
-            template = self._drafts[DEFAULT_CLUSTER].draft  # every cluster's draft has global's construction
-            if template is None:
-                self.metrics.observe_swap(cluster, "refused")
-                raise DraftMismatchError("this replica serves without a draft (draft 'none'), so there is no "
-                                         "draft to swap; start it with a draft to use hot-swapping")
-            problems = _spec_diff(tensor_specs(state_dict), tensor_specs(template.model.state_dict()))
-            if problems:
-                self.metrics.observe_swap(cluster, "refused")
-                raise DraftMismatchError(
-                    f"draft v{version} for cluster {cluster!r} does not fit the live draft: {'; '.join(problems)}. "
-                    f"Keeping v{self.live_draft(cluster).version}; publish a draft built for this target and draft "
-                    "construction.")
-            new = copy.deepcopy(template)  # same module structure and shortlist; weights overwritten below
             try:
-                new.model.load_state_dict(state_dict, strict=True)
-            except RuntimeError as e:
+                new = (self.shared.add(cluster, version, state_dict, meta=meta) if self.shared is not None
+                       else self._build_draft(version, state_dict, cluster))
+            except DraftMismatchError:
                 self.metrics.observe_swap(cluster, "refused")
-                raise DraftMismatchError(f"draft v{version} for cluster {cluster!r} failed to load: {e}") from e
-            live = LiveDraft(version, new.eval().requires_grad_(False), cluster)
+                raise
+            live = LiveDraft(version, new, cluster)
             with self._pair_lock:
                 old = self._drafts.get(cluster)
                 self._drafts[cluster] = live
                 self._drafts.move_to_end(cluster)
-                self._evict_cold_drafts()
+                retired = [old] + self._evict_cold_drafts()
+        for pair in retired:
+            self._retire(pair)
         self.metrics.observe_swap(cluster, "ok")
         log.info("cluster %r: draft v%s -> v%s", cluster, old.version if old else None, version)
         return live
 
-    def _evict_cold_drafts(self) -> None:
+    def _build_draft(self, version: int, state_dict: Mapping[str, torch.Tensor], cluster: str) -> DraftModel:
+        """A full draft: a copy of global's construction holding ``state_dict``."""
+        template = self._drafts[DEFAULT_CLUSTER].draft  # every cluster's draft has global's construction
+        if template is None:
+            raise DraftMismatchError("this replica serves without a draft (draft 'none'), so there is no "
+                                     "draft to swap; start it with a draft to use hot-swapping")
+        problems = _spec_diff(tensor_specs(state_dict), tensor_specs(template.model.state_dict()))
+        if problems:
+            raise DraftMismatchError(
+                f"draft v{version} for cluster {cluster!r} does not fit the live draft: {'; '.join(problems)}. "
+                f"Keeping v{self.live_draft(cluster).version}; publish a draft built for this target and draft "
+                "construction.")
+        new = copy.deepcopy(template)  # same module structure and shortlist; weights overwritten below
+        try:
+            new.model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise DraftMismatchError(f"draft v{version} for cluster {cluster!r} failed to load: {e}") from e
+        return new.eval().requires_grad_(False)
+
+    def _retire(self, pair: LiveDraft | None) -> None:
+        """A pair no longer served: in shared-base mode its adapter is freed once its last request ends."""
+        if self.shared is not None and pair is not None and pair.draft is not self.shared.base_draft():
+            self.shared.remove(pair.draft)
+
+    def _evict_cold_drafts(self) -> list[LiveDraft]:
         """Beyond max_cluster_drafts, drop the least recently used cluster drafts (their requests fall
-        back to global's until a request wants them again). Callers hold _pair_lock."""
+        back to global's until a request wants them again); returns them. Callers hold _pair_lock."""
+        evicted = []
         while len(self._drafts) - 1 > self.max_cluster_drafts:
             cold = next(c for c in self._drafts if c != DEFAULT_CLUSTER)
             log.info("cluster %r: draft v%d evicted (max_cluster_drafts=%d)", cold, self._drafts[cold].version,
                      self.max_cluster_drafts)
-            del self._drafts[cold]
+            evicted.append(self._drafts.pop(cold))
             self.metrics.observe_swap(cold, "evicted")
+        return evicted
 
     def sync_from_registry(self, registry: DraftRegistry | None = None,
                            cluster: str = DEFAULT_CLUSTER) -> LiveDraft | None:
@@ -643,8 +667,13 @@ class ServingCore:
             template = self._drafts[DEFAULT_CLUSTER].draft
             if template is None:
                 raise DraftMismatchError("this replica serves without a draft; it cannot load registry drafts")
-            state = registry.load_validated(cluster, manifest.version, tensor_specs(template.model.state_dict()))
-            return self.swap_draft(manifest.version, state, cluster)
+            specs = (self.shared.adapter_specs() if self.shared is not None
+                     else tensor_specs(template.model.state_dict()))
+            state = registry.load_validated(cluster, manifest.version, specs)
+            live = self.swap_draft(manifest.version, state, cluster, meta=manifest.meta)
+        if self.shared is not None:
+            self.shared.collect()  # adapters whose last request has ended since the last sync
+        return live
 
     def drafts_info(self) -> dict:
         """cluster -> what this replica holds, and the registry's live version when there is a registry."""

@@ -299,6 +299,22 @@ class OnlineDistiller:
             return {k: v.detach().clone() for k, v in self.draft.model.state_dict().items()}
         return self._plain_model().state_dict()
 
+    def export_adapter_state_dict(self) -> dict[str, Tensor]:
+        """mode='lora' only: just the LoRA tensors, for shared-base replicas (``osd.adapters.SharedBaseDrafts.add``).
+
+        Names as ``osd.adapters.adapter_state_dict`` (no peft adapter name); CPU copies in
+        the draft's dtype (peft may keep fp16/bf16 adapters in fp32 while training). Publish
+        with ``meta=AdapterSpec.from_distill_config(config).to_meta()``. Only valid against
+        the base this distiller started from: the adapters are a delta on it.
+        """
+        if self._peft is None:
+            raise ValueError("export_adapter_state_dict needs DistillConfig(mode='lora'): in mode='full' there is no "
+                             "adapter, only whole weights; publish export_state_dict() instead")
+        from osd.adapters import adapter_state_dict  # local: full mode must not need peft
+
+        dtype = self._peft.get_base_model().get_input_embeddings().weight.dtype  # base weights keep the draft dtype
+        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in adapter_state_dict(self._peft).items()}
+
     def candidate(self) -> DraftModel:
         """A plain, eval-mode DraftModel with the current weights, independent of further training."""
         model = self._plain_model().eval()
