@@ -116,6 +116,22 @@ class _DraftHolder:
 # --------------------------------------------------------------------------- the loop
 
 
+def run_until_stopped(step: Callable[[], int], stop: threading.Event,
+                      on_error: Callable[[Exception, float], None]) -> None:
+    """Call ``step`` until ``stop`` is set. A failing step (Redis down, registry unreadable...) is
+    reported to ``on_error(error, backoff_s)`` and retried after an exponential backoff (0.1 s to
+    5 s): outages never end the loop. SimulatedCrash (a BaseException) does."""
+    backoff = 0.1
+    while not stop.is_set():
+        try:
+            step()
+            backoff = 0.1
+        except Exception as e:
+            on_error(e, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
 class TrainerLoop:
     """Buffer → distiller → gate → registry, with pause-while-busy; see the module docstring.
 
@@ -201,24 +217,17 @@ class TrainerLoop:
 
     def run(self) -> None:
         """Step until ``stop()``; buffer or registry outages back off and retry, never end the loop."""
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff = 0.1
-            except SimulatedCrash:
-                raise
-            except Exception as e:  # Redis down, registry unreadable, a bad record...: keep going
-                transient = isinstance(e, (BufferUnavailable, OSError)) or type(e).__module__.startswith("redis")
-                with self._lock:
-                    self.counters["errors"] += 1
-                    self.last_error = f"{type(e).__name__}: {e}"
-                if transient:
-                    log.warning("trainer: %s; retrying in %.1fs", e, backoff)
-                else:
-                    log.exception("trainer step failed; retrying in %.1fs", backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        run_until_stopped(self.step, self._stop, self.note_error)
+
+    def note_error(self, error: Exception, backoff_s: float) -> None:
+        """Count and log a failed step (Redis down, registry unreadable, a bad record...)."""
+        with self._lock:
+            self.counters["errors"] += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+        if isinstance(error, (BufferUnavailable, OSError)) or type(error).__module__.startswith("redis"):
+            log.warning("trainer: %s; retrying in %.1fs", error, backoff_s)
+        else:
+            log.exception("trainer step failed; retrying in %.1fs", backoff_s)
 
     def step(self) -> int:
         """One iteration: maybe pause, read, train, gate, ack. Returns the records read."""
@@ -458,9 +467,11 @@ class ClusterTrainers:
         self.last_stepped: dict[str, float] = {}
         self.evictions = 0
         self.known: list[str] = []  # clusters to train, from the last discovery
+        self.scheduler_choice: str | None = None  # the cluster being stepped (errors are charged to it)
         self._last_discovery = float("-inf")
         self._stop = threading.Event()
         self._paused = False
+        self._crash_armed = False
         self._lock = threading.Lock()  # loops dict: status() reads it from another thread
 
     @classmethod
@@ -507,6 +518,8 @@ class ClusterTrainers:
         loop = self.make_loop(cluster)
         if self._paused:
             loop.pause(wait_s=0)
+        if self._crash_armed:
+            loop.arm_crash()
         with self._lock:
             self.loops[cluster] = loop
         log.info("trainer: training cluster %r (live v%d)", cluster, loop.live.version)
@@ -532,27 +545,26 @@ class ClusterTrainers:
             b = self.backlog(cluster)
             # At the cap, opening a loop closes another: ask twice the backlog before switching (no thrash).
             backlogs[cluster] = b // 2 if full and cluster not in self.loops else b
+        self.scheduler_choice = None
         chosen = self.scheduler.pick(backlogs)
         if chosen is None:
             self._stop.wait(self.settings.poll_interval_s)
             return 0
+        self.scheduler_choice = chosen
         loop = self.loops.get(chosen) or self._open(chosen)
         self.last_stepped[chosen] = self.clock()
         return loop.step()
 
     def run(self) -> None:
         """Step until ``stop()``; like TrainerLoop.run, outages back off and never end the loop."""
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff = 0.1
-            except SimulatedCrash:
-                raise
-            except Exception as e:
-                log.warning("trainer: %s: %s; retrying in %.1fs", type(e).__name__, e, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        def note_error(error: Exception, backoff_s: float) -> None:
+            loop = self.loops.get(self.scheduler_choice or "")
+            if loop is not None:  # the step that failed was (mostly) that loop's
+                loop.note_error(error, backoff_s)
+            else:
+                log.warning("trainer: %s: %s; retrying in %.1fs", type(error).__name__, error, backoff_s)
+
+        run_until_stopped(self.step, self._stop, note_error)
 
     # -- control and introspection (any thread) --------------------------------------------------
 
@@ -566,6 +578,8 @@ class ClusterTrainers:
             loop.resume()
 
     def arm_crash(self) -> None:
+        """Test hook: the next loop to read records crashes (loops opened later included)."""
+        self._crash_armed = True
         for loop in self._snapshot():
             loop.arm_crash()
 
