@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,9 @@ bench-distill: setup
 
 bench-drift: setup  ## ~40 min on 2 cores: 4 phases x 40 requests, static then online draft
 	$(VENV)/bin/osd bench drift --gamma 2
+
+bench-clusters: setup  ## ~15-30 min on 2 cores: 4 categories mixed, per-cluster drafts vs one global draft
+	$(VENV)/bin/osd bench clusters
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

@@ -84,6 +84,10 @@ def cmd_bench(args) -> int:
         from osd.bench.drift import run_drift_bench
 
         run_drift_bench(args)
+    elif args.which == "clusters":
+        from osd.bench.clusters import run_clusters_bench_command
+
+        run_clusters_bench_command(args)
     return 0
 
 
@@ -125,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec", "distill", "serve", "drift"],
+    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters"],
                        help="spec: engine vs HF generate and assisted generation; distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
                             "paused; drift: a stream whose category shifts in phases, online vs static draft, "
-                            "through the endpoint")
+                            "through the endpoint; clusters: a mixed-category stream, per-cluster drafts (router) vs "
+                            "one global draft, held-out α̂ per category")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: ../shared/data)")
@@ -146,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from osd.bench.drift import add_bench_drift_args
 
     add_bench_drift_args(bench)
+    from osd.bench.clusters import add_bench_clusters_args
+
+    add_bench_clusters_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
