@@ -15,6 +15,11 @@ Concurrency model (one replica):
   mislabel one. A swap builds and validates the new draft beside the live one, outside the
   generation lock, then replaces the pair under a tiny lock: it never waits for a request
   and no request waits for it; the next request uses the new draft.
+- Query clusters (docs/clusters.md): a request's cluster is pinned by the client or chosen
+  by the ``Router``; it is served by that cluster's draft when this replica holds one, else
+  by global's (and the cluster is noted as wanted for the next registry sync). At most
+  ``max_cluster_drafts`` cluster drafts are held, least recently used evicted first; in
+  shared-base mode they are LoRA adapters on one base (``osd.adapters``).
 - Training records go to a ``Recorder`` (background thread), never on the response path.
 """
 
@@ -37,6 +42,7 @@ from jinja2.exceptions import TemplateError
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from osd.adapters import SharedBaseDrafts
 from osd.api import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                      ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionChunk,
                      CompletionRequest, Delta, ModelCard, ModelList, OsdStats, ServingError, Usage, error_body,
@@ -49,7 +55,6 @@ from osd.models import DraftModel
 from osd.recorder import Recorder
 from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _spec_diff, tensor_specs
 from osd.router import Router
-from osd.adapters import SharedBaseDrafts
 
 log = logging.getLogger(__name__)
 
