@@ -48,7 +48,7 @@ bench-drift: setup  ## ~40 min on 2 cores: 4 phases x 40 requests, static then o
 	$(VENV)/bin/osd bench drift --gamma 2
 
 bench-clusters: setup  ## ~15-30 min on 2 cores: 4 categories mixed, per-cluster drafts vs one global draft
-	$(VENV)/bin/osd bench clusters
+	$(VENV)/bin/osd bench clusters --threads 1
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache
