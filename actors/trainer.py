@@ -39,14 +39,14 @@ from ray import serve
 
 from actors.config import OsdAppConfig, TrainerSettings
 from actors.ray_metrics import RayTrainerMetrics
-from osd.buffer import BufferUnavailable, Entry, RecordBuffer
 from osd.adapters import AdapterSpec, load_adapter_state_dict
+from osd.buffer import BufferUnavailable, Entry, RecordBuffer
 from osd.dashboard import DashboardStore
 from osd.models import DraftModel, build_draft, load_causal_lm, load_shortlist, parse_dtype
 from osd.registry import DraftRegistry, tensor_specs
 from trainers.config import DistillConfig
 from trainers.distiller import OnlineDistiller, UpdateResult
-from trainers.gate import PromotionGate
+from trainers.gate import GateDecision, PromotionGate
 from trainers.scheduler import BacklogScheduler
 from trainers.replay import _Live, _promote, load_live_draft
 
@@ -394,7 +394,7 @@ class TrainerLoop:
         self.holder.draft = self.distiller.candidate()
         return manifest.version
 
-    def _promote_adapter(self, result: UpdateResult, decision) -> None:
+    def _promote_adapter(self, result: UpdateResult, decision: GateDecision) -> None:
         """Shared-base mode's publish: the adapter tensors, with the rank and alpha replicas need."""
         cfg = self.distill
         manifest = self.registry.publish(

@@ -35,7 +35,6 @@ from osd.dashboard_schema import (BacklogPoint, ClusterRow, DashboardData, Reque
 
 log = logging.getLogger(__name__)
 
-KINDS = ("requests", "swaps", "backlog", "trainer")
 HOUR_S = 3600.0
 
 
