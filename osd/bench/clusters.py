@@ -388,7 +388,8 @@ def render_markdown(result: dict) -> str:
         table(["cluster", "stream records", "stream composition", "held-out composition", "updates / steps",
                "α̂ untrained", "α̂ global", "α̂ own draft"], crow),
         "",
-        f"Per-cluster α̂ on the held-out prompts routed to each cluster. Wall time {t.get('total_wall', t['total']) / 60:.1f} min "
+        f"Per-cluster α̂ on the held-out prompts routed to each cluster. "
+        f"Wall time {t.get('total_wall', t['total']) / 60:.1f} min "
         f"(records {gen_s}, training global {t['train_global'] / 60:.1f} / per-cluster "
         f"{t['train_per_cluster'] / 60:.1f} / oracle {t['train_oracle'] / 60:.1f} min, scoring "
         f"{t['scoring'] / 60:.1f} min).",
