@@ -76,6 +76,9 @@ def _shared_base(config: OsdAppConfig, engine) -> SharedBaseDrafts | None:
     """Shared-base mode: the engine's initial draft becomes the base every cluster's adapter sits on."""
     if config.cluster_drafts != "lora":
         return None
+    if engine.draft is None:
+        raise ValueError("cluster_drafts='lora' puts adapters on the draft, but models.draft is 'none'; "
+                         "use a draft (e.g. 'self') or cluster_drafts='full'")
     return SharedBaseDrafts(engine.draft, AdapterSpec.from_distill_config(config.distill))
 
 

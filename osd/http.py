@@ -12,6 +12,9 @@ malformed JSON 400, unsupported field values 400 (e.g. n > 1), unknown model 404
 that is not JSON 415, a body or prompt over the limit 413, schema violations 422 (naming
 the field), admin auth 401/403, a refused draft 409, anything unexpected 500 without a
 traceback (the replica keeps serving).
+
+Besides the OpenAI routes: /health, /metrics (Prometheus text), /dashboard (the drift page),
+/dashboard/data (its JSON, 503 while Redis is down), /dashboard/schema, and /admin/drafts.
 """
 
 from __future__ import annotations

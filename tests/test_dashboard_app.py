@@ -153,3 +153,25 @@ def test_dashboard_in_a_real_browser_after_traffic_and_hot_swaps(live, chromium)
     (row,) = dom.all(tag="tr", data_cluster="global")
     assert row["data-live-version"] == str(live["registry"].live("global").version)
     assert shot.stat().st_size > 20_000
+
+
+def test_dashboard_data_is_a_503_while_redis_is_down_and_serving_goes_on():
+    import socket
+
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    store = DashboardStore(redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2))
+    target = tiny_llama(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.6), EngineConfig(gamma=3))
+    try:
+        with serving(build_app(ServingCore(engine, "tiny", dashboard=store))) as base:
+            r = httpx.get(f"{base}/dashboard/data", timeout=30)
+            assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
+            ok = httpx.post(f"{base}/v1/completions", json={"prompt": "still here", "max_tokens": 4}, timeout=30)
+            assert ok.status_code == 200
+            assert httpx.get(f"{base}/dashboard", timeout=30).status_code == 200  # the page itself still loads
+    finally:
+        store.close(timeout_s=0.5)
