@@ -32,10 +32,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per round")
 
 
-def _model_config(args) -> tuple[ModelConfig, EngineConfig]:
-    return (ModelConfig(target=args.target, draft=args.draft, draft_layers=args.draft_layers, shortlist=args.shortlist,
-                        device=args.device, dtype=args.dtype, torch_threads=args.threads),
-            EngineConfig(gamma=args.gamma))
+def model_configs(args, **models) -> tuple[ModelConfig, EngineConfig]:
+    """The --target/--draft/... options as configs; ``models`` overrides ModelConfig fields."""
+    fields = dict(target=args.target, draft=args.draft, draft_layers=args.draft_layers, shortlist=args.shortlist,
+                  device=args.device, dtype=args.dtype, torch_threads=args.threads)
+    return ModelConfig(**(fields | models)), EngineConfig(gamma=args.gamma)
 
 
 def cmd_generate(args) -> int:
@@ -44,7 +45,7 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop=args.stop or [], seed=args.seed)
-    models, engine_cfg = _model_config(args)
+    models, engine_cfg = model_configs(args)
     engine = build_engine(models, engine_cfg)
     if args.raw:
         prompt_ids = engine.tokenizer(args.prompt).input_ids

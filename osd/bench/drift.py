@@ -286,14 +286,14 @@ def drift_app_config(args: argparse.Namespace, redis_url: str, max_clients: int)
     """The deployment: 1 replica + the trainer training under load, distilling the first-2-layer
     self-draft with embeddings and head frozen (bench distill's best construction)."""
     from actors.config import OsdAppConfig, TrainerSettings
-    from osd.config import EngineConfig, ModelConfig
+    from osd.cli import model_configs
     from trainers.config import DistillConfig
 
+    models, engine = model_configs(args, torch_threads=0)  # replicas and trainer set their own threads
     return OsdAppConfig(
         model_name="osd",
-        models=ModelConfig(target=args.target, draft=args.draft, draft_layers=args.draft_layers,
-                           shortlist=args.shortlist, device=args.device, dtype=args.dtype),
-        engine=EngineConfig(gamma=args.gamma),
+        models=models,
+        engine=engine,
         redis_url=redis_url,
         distill=DistillConfig(lr=args.drift_lr, steps_per_update=args.drift_steps,
                               update_interval=args.drift_update_interval, freeze_embeddings=True, freeze_head=True),
@@ -324,14 +324,13 @@ def measure_baselines(args: argparse.Namespace, stream: Sequence[dict], say: Cal
     import torch
 
     from osd.bench.spec import forward_cost_curve
-    from osd.config import EngineConfig, ModelConfig, SamplingParams
+    from osd.cli import model_configs
+    from osd.config import SamplingParams
     from osd.data import chat_prompt_ids
     from osd.engine import SpeculativeEngine, build_engine
 
     torch.set_num_threads(args.replica_threads)
-    engine = build_engine(ModelConfig(target=args.target, draft=args.draft, draft_layers=args.draft_layers,
-                                      shortlist=args.shortlist, device=args.device, dtype=args.dtype,
-                                      torch_threads=args.replica_threads), EngineConfig(gamma=args.gamma))
+    engine = build_engine(*model_configs(args, torch_threads=args.replica_threads))
     plain = SpeculativeEngine(engine.target, engine.tokenizer, None, engine.config)
     params = SamplingParams(max_tokens=args.max_tokens)
     plain.generate(chat_prompt_ids(engine.tokenizer, "warm up"), SamplingParams(max_tokens=8))

@@ -384,17 +384,17 @@ def _free_port() -> int:
 def app_config(args: argparse.Namespace, redis_url: str, max_clients: int):
     """The OsdAppConfig the bench deploys: 1 replica (1 CPU), the trainer (0.5 CPU) training under load."""
     from actors.config import OsdAppConfig, TrainerSettings
-    from osd.config import EngineConfig, ModelConfig
+    from osd.cli import model_configs
     from trainers.config import DistillConfig
 
+    models, engine = model_configs(args, torch_threads=0)  # replicas and trainer set their own threads
     distill = {"update_interval": args.update_interval}
     if args.steps_per_update is not None:
         distill["steps_per_update"] = args.steps_per_update
     return OsdAppConfig(
         model_name="osd",
-        models=ModelConfig(target=args.target, draft=args.draft, draft_layers=args.draft_layers,
-                           shortlist=args.shortlist, device=args.device, dtype=args.dtype),
-        engine=EngineConfig(gamma=args.gamma),
+        models=models,
+        engine=engine,
         redis_url=redis_url,
         distill=DistillConfig(**distill),
         num_replicas=1, replica_num_cpus=1.0, replica_torch_threads=args.replica_threads,
