@@ -449,3 +449,29 @@ def test_ray_metrics_and_the_dashboard_through_the_endpoint(app):
     assert all(s["kind"] in ("promoted", "rollback") for s in data["swaps"])
     page = http.get("/dashboard")
     assert page.status_code == 200 and "<canvas" in page.text
+
+
+def test_replica_router_and_shared_base_come_from_the_app_config(model_dir, redis_url):
+    """What OsdServer builds from `router` and `cluster_drafts`, without a Ray session."""
+    from pydantic import ValidationError
+
+    from actors.serve_app import _router, _shared_base
+
+    engine = build_engine(model_config(model_dir), EngineConfig(gamma=3))
+    off = OsdAppConfig(redis_url=redis_url, models=model_config(model_dir))
+    assert _router(off, engine) is None and _shared_base(off, engine) is None
+    on = off.model_copy(update={"router": off.router.model_copy(update={"enabled": True, "num_clusters": 2})})
+    router = _router(on, engine)
+    try:
+        ids = engine.tokenizer("hello there").input_ids
+        assert router.route(ids) == router.route(ids) == "c0"  # shared through the app's Redis
+    finally:
+        router.close()
+    with pytest.raises(ValidationError, match="needs distill.mode='lora'"):
+        OsdAppConfig(redis_url=redis_url, cluster_drafts="lora")
+    lora = OsdAppConfig(redis_url=redis_url, models=model_config(model_dir), cluster_drafts="lora",
+                        distill=DistillConfig(mode="lora"))
+    shared = _shared_base(lora, engine)
+    assert shared.base_draft() is not None and shared.memory_bytes()["adapters"] == {}
+    with pytest.raises(ValueError, match="models.draft is 'none'"):
+        _shared_base(lora, build_engine(ModelConfig(target=str(model_dir), draft="none"), EngineConfig()))
