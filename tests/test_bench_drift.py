@@ -6,13 +6,10 @@ import pytest
 
 from osd.bench.drift import (Served, analytic_speedup, moving_average, phase_table, phased_stream, plot,
                              render_markdown, replay, swap_points)
-from osd.config import EngineConfig
-from osd.engine import SpeculativeEngine
 from osd.http import build_app
 from osd.serving import ServingCore
 from http_server import serving
-from tiny import noisy_copy, tiny_llama
-from tiny_tokenizer import char_tokenizer
+from tiny import tiny_engine
 
 QUESTIONS = [{"question_id": i, "category": c, "turns": [f"{c} {i}: tell me more"]}
              for i, c in enumerate(["math", "code"] * 6)]
@@ -65,9 +62,7 @@ def test_swap_points_mark_each_new_version():
 
 @pytest.fixture(scope="module")
 def endpoint():
-    target = tiny_llama(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.3), EngineConfig(gamma=3))
-    with serving(build_app(ServingCore(engine, "tiny"))) as base:
+    with serving(build_app(ServingCore(tiny_engine(noise=0.3, gamma=3), "tiny"))) as base:
         yield base
 
 

@@ -10,13 +10,10 @@ import pytest
 from osd.bench.serve import (ENDPOINT_MODE, ServeBenchError, phase_plan, render_markdown, requests_for,
                              run_closed_loop, run_load, slowdowns, summarize)
 from osd.cli import build_parser
-from osd.config import EngineConfig
-from osd.engine import SpeculativeEngine
 from osd.http import build_app
 from osd.serving import ServingCore
-from tiny import noisy_copy, tiny_llama
+from tiny import tiny_engine
 from http_server import serving
-from tiny_tokenizer import char_tokenizer
 
 QUESTIONS = [{"question_id": i, "category": c, "turns": [f"{c} question {i}: why is the sky blue?"]}
              for i, c in enumerate(["writing", "math", "coding", "qa", "rag"])]
@@ -24,9 +21,7 @@ QUESTIONS = [{"question_id": i, "category": c, "turns": [f"{c} question {i}: why
 
 @pytest.fixture(scope="module")
 def endpoint():
-    target = tiny_llama(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.3), EngineConfig(gamma=4))
-    with serving(build_app(ServingCore(engine, "tiny"))) as base:
+    with serving(build_app(ServingCore(tiny_engine(noise=0.3, gamma=4), "tiny"))) as base:
         yield base
 
 

@@ -24,7 +24,7 @@ from osd.recorder import Recorder
 from osd.registry import DraftRegistry, RegistryConfig
 from osd.serving import ServingCore
 from http_server import serving
-from tiny import noisy_copy, tiny_llama
+from tiny import noisy_copy, tiny_engine, tiny_llama
 from tiny_tokenizer import char_tokenizer
 from trainers.config import DistillConfig
 
@@ -164,10 +164,8 @@ def test_dashboard_data_is_a_503_while_redis_is_down_and_serving_goes_on():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once closed
     store = DashboardStore(redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2))
-    target = tiny_llama(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.6), EngineConfig(gamma=3))
     try:
-        with serving(build_app(ServingCore(engine, "tiny", dashboard=store))) as base:
+        with serving(build_app(ServingCore(tiny_engine(noise=0.6, gamma=3), "tiny", dashboard=store))) as base:
             r = httpx.get(f"{base}/dashboard/data", timeout=30)
             assert r.status_code == 503 and "unavailable" in r.json()["error"]["message"]
             ok = httpx.post(f"{base}/v1/completions", json={"prompt": "still here", "max_tokens": 4}, timeout=30)

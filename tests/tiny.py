@@ -60,3 +60,14 @@ def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int = 7) -> DraftMod
         w = draft.lm_head.weight
         w.add_(noise * w.std() * torch.randn(w.shape, generator=gen))
     return DraftModel(draft)
+
+
+def tiny_engine(noise: float = 0.3, gamma: int = 4):
+    """A SpeculativeEngine over a 64-token tiny target, a noisy-copy draft and the char tokenizer:
+    the stand-in model behind the HTTP-level tests."""
+    from osd.config import EngineConfig
+    from osd.engine import SpeculativeEngine
+    from tiny_tokenizer import char_tokenizer
+
+    target = tiny_llama(vocab=64, sharpness=3.0)
+    return SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=noise), EngineConfig(gamma=gamma))
