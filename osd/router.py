@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import secrets
 import sys
 import threading
@@ -86,6 +87,7 @@ log = logging.getLogger(__name__)
 DISABLED_CLUSTER = "global"
 STATE_SCHEMA = 1
 _MAX_TRANSACTION_ATTEMPTS = 32  # WATCH conflicts needed to give up on one update
+_CONFLICT_BACKOFF_S = (0.001, 0.05)  # first and largest jittered wait after a conflict
 _MAX_OFFLINE_PENDING = 10_000  # ids handed out while Redis was down, written back on return
 _TEMPLATE_MARKER = "\u2063osd-router-marker\u2063"  # text no real prompt contains
 
@@ -534,7 +536,7 @@ class Router:
     def _transact(self, key: str, prompt_ids: Sequence[int]) -> str | None:
         """Assign (and learn from) a prompt in one optimistic transaction; None after too many conflicts."""
         x = None
-        for _ in range(_MAX_TRANSACTION_ATTEMPTS):
+        for attempt in range(_MAX_TRANSACTION_ATTEMPTS):
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(self._k_state)  # every committed update rewrites the header
@@ -553,7 +555,12 @@ class Router:
                     pipe.execute()
                 except redis.WatchError:
                     self.conflicts += 1
-                    continue  # another replica committed first: re-read and redo on its state
+                    # Another replica committed first: re-read and redo on its state. A jittered,
+                    # growing wait keeps two busy replicas from colliding in lockstep (on a loaded
+                    # 2-core machine one was starved past 32 attempts without it).
+                    first, largest = _CONFLICT_BACKOFF_S
+                    time.sleep(random.uniform(0, min(largest, first * 2 ** attempt)))
+                    continue
             self._state = new
             return new.ids[j]
         log.warning("router: %d update conflicts in a row; routing this prompt from the cached state",

@@ -200,7 +200,7 @@ def test_empty_data_shows_empty_states(chromium):
     shot = artifact_path("dashboard_empty.png")
     with serving(dashboard_app([empty_data()])) as url:
         dom = Dom(render(f"{url}/dashboard", shot, window=(1366, 800)))
-    assert dom.body()["data-rendered"] == "1"
+    assert int(dom.body()["data-rendered"]) >= 1  # a slow browser may see the 5 s refresh too
     for panel, message in (("chart-alpha", "No requests served with a draft yet"), ("chart-tpf", "No requests yet"),
                            ("chart-tps", "No requests yet"), ("chart-backlog", "No buffer samples yet"),
                            ("chart-trainer", "No trainer updates yet"), ("clusters-table", "No clusters yet"),
