@@ -321,7 +321,8 @@ class TrainerLoop:
 
     def _on_update(self, result: UpdateResult) -> None:
         self._follow_registry()
-        decision = self.gate.decide(self.distiller.draft, self.holder.draft, self.distiller.holdout)
+        decision = self.gate.decide(self.distiller.draft, self.holder.draft, self.distiller.holdout,
+                                    self.distiller.holdout_ages())
         if decision.promote:
             if self.publish_adapters:
                 self._promote_adapter(result, decision)

@@ -131,6 +131,38 @@ def test_gate_refuses_a_worse_candidate_and_promotes_a_better_one():
     assert not gate.decide(better, live, []).promote
 
 
+def test_gate_judges_recent_traffic_after_a_shift():
+    """Old traffic came from one target, the recent records from another: a gate weighing
+    records alike keeps the draft of the old traffic; a short half-life follows the shift."""
+    old_target, new_target = tiny_llama(V, 2, seed=0, sharpness=SHARP), tiny_llama(V, 2, seed=5, sharpness=SHARP)
+    live, candidate = noisy_copy(old_target, noise=0.1), noisy_copy(new_target, noise=0.1)
+    old = records(SpeculativeEngine(old_target, CharTokenizer(), live, EngineConfig(gamma=4)), 6, seed=8)
+    new = records(SpeculativeEngine(new_target, CharTokenizer(), live, EngineConfig(gamma=4)), 2, seed=9)
+    holdout, ages = old + new, [40, 35, 30, 25, 20, 15, 5, 0]  # oldest first, as the distiller keeps them
+
+    alike = PromotionGate().decide(candidate, live, holdout, ages)
+    assert not alike.promote and alike.candidate_alpha < alike.live_alpha
+    recent = PromotionGate(half_life=4).decide(candidate, live, holdout, ages)
+    assert recent.promote and recent.candidate_alpha > recent.live_alpha
+    assert recent.rows == alike.rows == sum(r.num_positions for r in holdout)  # every row still scored
+    assert PromotionGate(half_life=4).weights([0, 4, 8]) == [1.0, 0.5, 0.25]
+    # Equal weights are the unweighted score; one weight per record.
+    gate = PromotionGate(batch_size=3)
+    assert gate.score(live, holdout, [2.0] * 8)[0] == pytest.approx(gate.score(live, holdout)[0], abs=1e-6)
+    with pytest.raises(ValueError, match="one per record"):
+        gate.score(live, holdout, [1.0])
+
+
+def test_holdout_ages_count_records_taken_in_since_arrival():
+    engine = make_engine(random_draft())
+    distiller = OnlineDistiller(random_draft(), DistillConfig(holdout_fraction=0.5, holdout_size=2,
+                                                              update_interval=100))
+    distiller.add(records(engine, 5, seed=10))  # records 1, 3 and 5 are held out; the deque keeps 3 and 5
+    assert len(distiller.holdout) == 2 and distiller.holdout_ages() == [2, 0]
+    distiller.add(records(engine, 1, seed=11))  # a training record: everything held out ages by one
+    assert distiller.holdout_ages() == [3, 1]
+
+
 def test_lora_trains_only_adapters_and_exports_merged_live_layout():
     live = random_draft()
     before = weights(live.model)

@@ -79,6 +79,9 @@ class DistillConfig(BaseModel):
     holdout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of incoming records set aside (never trained on) for the gate.")
     holdout_size: int = Field(32, ge=1, le=100_000, description="The gate judges on at most this many recent held-out records.")
+    gate_half_life: float = Field(
+        16.0, ge=0.0, description="The gate weighs a held-out record by 0.5^(age / gate_half_life), age = records "
+                                  "taken in since it arrived, so it judges the current traffic; 0 weighs all alike.")
     gate_margin: float = Field(
         0.0, ge=0.0, le=1.0, description="Promote iff candidate α̂ >= live α̂ - margin on the held-out records.")
 

@@ -57,6 +57,11 @@ class Batch:
         return int(self.row_pos.shape[0])
 
 
+def has_rows(record: TrainingRecord, max_seq_len: int) -> bool:
+    """Whether collate keeps ``record``: it has a teacher row and a prompt token before it."""
+    return min(record.num_positions, max_seq_len) > 0 and bool(record.prompt_ids)
+
+
 def collate(records: Sequence[TrainingRecord], max_seq_len: int, device: str | torch.device = "cpu") -> Batch | None:
     """Right-pad records into one batch; None when no record has an output row.
 
@@ -66,9 +71,9 @@ def collate(records: Sequence[TrainingRecord], max_seq_len: int, device: str | t
     seqs, rb, rp, ids, lps, lses, pol = [], [], [], [], [], [], []
     top_k = None
     for rec in records:
-        rows = min(rec.num_positions, max_seq_len)
-        if rows == 0 or not rec.prompt_ids:
+        if not has_rows(rec, max_seq_len):
             continue
+        rows = min(rec.num_positions, max_seq_len)
         if top_k is None:
             top_k = rec.top_k
         elif rec.top_k != top_k:
@@ -164,6 +169,7 @@ class OnlineDistiller:
         self._params = params
         self._pending: list[TrainingRecord] = []
         self.holdout: deque[TrainingRecord] = deque(maxlen=cfg.holdout_size)
+        self._holdout_arrivals: deque[int] = deque(maxlen=cfg.holdout_size)  # records_seen when each arrived
         self._holdout_credit = 1.0 - cfg.holdout_fraction if cfg.holdout_fraction > 0 else 0.0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._generator = torch.Generator().manual_seed(cfg.seed)
@@ -218,11 +224,16 @@ class OnlineDistiller:
             if self._holdout_credit >= 1.0 - 1e-9:
                 self._holdout_credit -= 1.0
                 self.holdout.append(rec)
+                self._holdout_arrivals.append(self.records_seen)
                 continue
             self._pending.append(rec)
             if len(self._pending) >= self.config.update_interval:
                 results.append(self.update())
         return results
+
+    def holdout_ages(self) -> list[int]:
+        """Per held-out record (in ``holdout`` order), the records taken in since it arrived: the gate's recency."""
+        return [self.records_seen - arrived for arrived in self._holdout_arrivals]
 
     def maybe_update(self, force: bool = False) -> UpdateResult | None:
         """Update if ``update_interval`` records wait, or (``force``) if any do."""

@@ -154,7 +154,7 @@ def distill_replay(
         unacked = [(eid, rid) for eid, rid in unacked if rid in waiting]
 
     def on_update(result: UpdateResult) -> None:
-        decision = gate.decide(distiller.draft, engine.draft, distiller.holdout)
+        decision = gate.decide(distiller.draft, engine.draft, distiller.holdout, distiller.holdout_ages())
         current.updates += 1
         current.gate_candidate_alpha, current.gate_live_alpha = decision.candidate_alpha, decision.live_alpha
         live.decisions.append({"update": result.update, "loss": result.loss, **asdict(decision)})

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import httpx
 
 from osd.bench.report import environment, table, update_doc_section, write_json
+from trainers.config import DistillConfig
 
 DEFAULT_PHASES = ("math_reasoning", "translation", "summarization", "qa")
 PLOT_WINDOW = 20  # the issue's moving average
@@ -287,7 +288,6 @@ def drift_app_config(args: argparse.Namespace, redis_url: str, max_clients: int)
     self-draft with embeddings and head frozen (bench distill's best construction)."""
     from actors.config import OsdAppConfig, TrainerSettings
     from osd.cli import model_configs
-    from trainers.config import DistillConfig
 
     models, engine = model_configs(args, torch_threads=0)  # replicas and trainer set their own threads
     return OsdAppConfig(
@@ -380,7 +380,8 @@ def run_drift_bench(args: argparse.Namespace) -> dict:
                              "embedded Redis; drop --redis-url (or benchmark a running service with --url)")
         where = ("local Ray (2 CPUs): 1 replica (1 thread) + the trainer (1 thread, training while serving, "
                  f"lr {args.drift_lr}, {args.drift_steps} steps per update of {args.drift_update_interval} records, "
-                 f"first {args.draft_layers} layers with embeddings and head frozen)")
+                 f"first {args.draft_layers} layers with embeddings and head frozen, gate half-life "
+                 f"{DistillConfig().gate_half_life:g} records)")
         with deployed_endpoint(args, 1, say, config_builder=drift_app_config) as (url, control, info):
             runs["static"] = replay(url, stream, args.max_tokens, "static", say=say)  # trainer paused since deploy
             forget_static_run(info["redis_url"])
