@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -66,3 +68,24 @@ class EngineConfig(_Strict):
     gamma: int = Field(4, ge=1, le=32, description="Draft tokens proposed per round.")
     teacher_top_k: int = Field(64, ge=1, le=4096, description="Target log-probs kept per position in training records.")
     record: bool = Field(True, description="Build a training record for every request.")
+    length_policy: Literal["fixed", "schedule", "confidence", "head"] = Field(
+        "fixed", description="How many tokens a round drafts (osd/stopping.py): 'fixed' γ, HF's +2/-1 'schedule' "
+                             "from γ, stop below a draft 'confidence', or SpecDec++'s acceptance 'head'.")
+    max_gamma: int = Field(8, ge=1, le=64, description="Most tokens an adaptive length policy drafts in one round.")
+    confidence_threshold: float = Field(
+        0.3, gt=0.0, lt=1.0, description="'confidence': stop drafting once the draft's top-1 probability is below this.")
+    head_threshold: float = Field(
+        0.7, gt=0.0, lt=1.0, description="'head': stop once the predicted chance that some token of the round is "
+                                         "rejected exceeds this.")
+
+    @model_validator(mode="after")
+    def _cap_covers_gamma(self) -> "EngineConfig":
+        if self.length_policy != "fixed" and self.max_gamma < self.gamma:
+            raise ValueError(f"max_gamma ({self.max_gamma}) must be >= gamma ({self.gamma}) for an adaptive "
+                             "length_policy")
+        return self
+
+    @property
+    def round_cap(self) -> int:
+        """The most tokens one round may draft."""
+        return self.gamma if self.length_policy == "fixed" else self.max_gamma

@@ -1,4 +1,7 @@
-"""Drafting: the draft proposes γ tokens, one forward each, on its own KV cache."""
+"""Drafting: the draft proposes up to γ tokens, one forward each, on its own KV cache.
+
+How many is the length policy's call (osd/stopping.py); it sees only draft-side state.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from transformers import DynamicCache
 from osd.config import SamplingParams
 from osd.models import DraftModel
 from osd.sampling import sample, warp_probs
+from osd.stopping import LengthPolicy
 
 
 @dataclass
@@ -35,8 +39,9 @@ class Drafter:
     catching up may feed two tokens: that costs one forward, not two.
     """
 
-    def __init__(self, draft: DraftModel):
+    def __init__(self, draft: DraftModel, policy: LengthPolicy | None = None):
         self.draft = draft
+        self.policy = policy or LengthPolicy()  # no policy: every round drafts the cap
         self.cache = DynamicCache(config=draft.config)
 
     @property
@@ -44,14 +49,17 @@ class Drafter:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], gamma: int, params: SamplingParams,
+    def propose(self, tokens: list[int], cap: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Proposal:
-        """tokens: every committed token (prompt + output); returns γ proposals continuing them."""
+        """tokens: every committed token (prompt + output); returns 1..cap proposals continuing them."""
         device = next(self.draft.parameters()).device
         feed = torch.tensor([tokens[self.cached:]], device=device)
+        gamma = self.policy.begin_round(cap)
+        want_hidden = self.policy.needs_hidden
         proposed, dists = [], []
-        for _ in range(gamma):
-            logits = self.draft(feed, past_key_values=self.cache, logits_to_keep=1)[0, -1:]  # [1, V]
+        for i in range(gamma):
+            out = self.draft(feed, past_key_values=self.cache, logits_to_keep=1, return_hidden=want_hidden)
+            logits, hidden = (out[0][0, -1:], out[1][0, -1]) if want_hidden else (out[0, -1:], None)  # [1, V], [H]
             if params.greedy:
                 token = logits.argmax(-1)
                 dist = logits.softmax(-1)
@@ -60,8 +68,14 @@ class Drafter:
                 token = sample(dist, generator)
             proposed.append(token)
             dists.append(dist)
+            if i + 1 < gamma and not self.policy.keep_drafting(dist[0], int(token), hidden):
+                break
             feed = token.view(1, 1)
         return Proposal(torch.cat(proposed), torch.cat(dists))
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """The round's verdict, for policies that adapt across rounds."""
+        self.policy.observe(proposed, accepted)
 
     def rollback(self, committed: int) -> None:
         """Keep only cache entries for committed tokens (the last committed token is fed next round)."""

@@ -21,6 +21,7 @@ from osd.models import (DraftModel, build_draft, load_causal_lm, load_shortlist,
                         transpose_linear_weights)
 from osd.records import DraftRound, TrainingRecord
 from osd.sampling import warp_probs
+from osd.stopping import make_length_policy
 from osd.verification import Verdict, overlap, verify_greedy, verify_sampled
 
 
@@ -139,22 +140,23 @@ class SpeculativeEngine:
         start = time.perf_counter()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
-        stats = SpecStats(accepted_per_position=[0] * self.config.gamma, prompt_tokens=len(prompt_ids))
+        stats = SpecStats(accepted_per_position=[0] * self.config.round_cap, prompt_tokens=len(prompt_ids))
         teacher = _Teacher(self.config.teacher_top_k)
         rounds: list[DraftRound] = []
         tokens = list(prompt_ids)
         cache = DynamicCache(config=self.target.config)
-        drafter = Drafter(draft) if draft is not None else None
+        drafter = self._make_drafter(draft, cache) if draft is not None else None
         if len(tokens) > 1:
             self._target_forward(tokens[:-1], cache, keep=1)
         finish = None
         while finish is None:
             out_len = len(tokens) - len(prompt_ids)
-            gamma = min(self.config.gamma, params.max_tokens - out_len - 1) if drafter else 0
-            proposal = drafter.propose(tokens, gamma, params, generator) if gamma > 0 else None
+            cap = min(self.config.round_cap, params.max_tokens - out_len - 1) if drafter else 0
+            proposal = drafter.propose(tokens, cap, params, generator) if cap > 0 else None
             new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
             if proposal is not None:
                 rounds.append(DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted))
+                drafter.observe(len(proposal.tokens), verdict.num_accepted)
                 drafter.rollback(len(tokens) + len(new_tokens))
             tokens.extend(new_tokens)
             if on_tokens is not None:
@@ -172,6 +174,14 @@ class SpeculativeEngine:
                                     [r for r in rounds if r.start < len(output_ids)],
                                     cluster=cluster, draft_version=draft_version)
         return Generation(output_ids, text, finish, stats, record)
+
+    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> Drafter:
+        """One request's drafter. cache: the request's target cache (empty yet), for drafters that share it."""
+        c = self.config
+        policy = make_length_policy(c.length_policy, c.gamma,
+                                    c.confidence_threshold if c.length_policy == "confidence" else c.head_threshold,
+                                    getattr(draft, "acceptance_head", None))
+        return Drafter(draft, policy)
 
     def _target_forward(self, ids: list[int], cache: DynamicCache, keep: int) -> torch.Tensor:
         """ids: the new tokens → logits [keep, V] (fp32) for the last `keep` of them."""

@@ -195,9 +195,12 @@ class DraftModel(nn.Module):
     needs q for what the draft proposed, and p - q keeps the target's mass elsewhere.
     """
 
-    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None):
+    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None, acceptance_head=None):
         super().__init__()
         self.model = model
+        # osd.stopping.AcceptanceHead or None: SpecDec++'s stop head, trained for these weights,
+        # so it travels (and swaps) with them.
+        self.acceptance_head = acceptance_head
         self.vocab_size = model.config.vocab_size
         if shortlist is not None:
             shortlist = torch.unique(shortlist.to(device=model.device, dtype=torch.long))
@@ -210,21 +213,28 @@ class DraftModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids: [B, S] → logits [B, S or logits_to_keep, V] (fp32 on the model's device)."""
-        if self.shortlist is None:
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: [B, S] → logits [B, S or logits_to_keep, V] (fp32 on the model's device).
+
+        return_hidden: also the final-norm hidden states [B, S or logits_to_keep, H] the head read.
+        """
+        if self.shortlist is None and not return_hidden:
             out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=past_key_values is not None,
                              logits_to_keep=logits_to_keep)
             return out.logits.float()
-        hidden = self.model.model(input_ids=input_ids, past_key_values=past_key_values,
-                                  use_cache=past_key_values is not None).last_hidden_state
+        hidden = self.model.get_decoder()(input_ids=input_ids, past_key_values=past_key_values,
+                                          use_cache=past_key_values is not None).last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        head = self._shortlist_head()  # [K, H]
-        short_logits = (hidden @ head.T).float()  # [B, S, K]
-        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
-        logits[..., self.shortlist] = short_logits
-        return logits
+        if self.shortlist is None:
+            logits = self.model.get_output_embeddings()(hidden).float()
+        else:
+            head = self._shortlist_head()  # [K, H]
+            short_logits = (hidden @ head.T).float()  # [B, S, K]
+            logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
+            logits[..., self.shortlist] = short_logits
+        return (logits, hidden) if return_hidden else logits
 
 
     def _shortlist_head(self) -> torch.Tensor:
