@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ bench-drift: setup  ## ~40 min on 2 cores: 4 phases x 40 requests, static then o
 
 bench-clusters: setup  ## ~15-30 min on 2 cores: 4 categories mixed, per-cluster drafts vs one global draft
 	$(VENV)/bin/osd bench clusters --threads 1
+
+bench-trees: setup  ## ~20 min on 2 cores, after bench-distill (its records): chains, adaptive length, trees, early exit
+	$(VENV)/bin/osd bench trees
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

@@ -68,7 +68,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.max_tokens is None:
-        args.max_tokens = 48 if args.which == "serve" else 96
+        args.max_tokens = {"serve": 48, "trees": 64}.get(args.which, 96)
     if args.which == "spec":
         from osd.bench.spec import run_spec_bench
 
@@ -89,6 +89,10 @@ def cmd_bench(args) -> int:
         from osd.bench.clusters import run_clusters_bench_command
 
         run_clusters_bench_command(args)
+    elif args.which == "trees":
+        from osd.bench.trees import run_trees_bench_command
+
+        run_trees_bench_command(args)
     return 0
 
 
@@ -130,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters"],
+    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees"],
                        help="spec: engine vs HF generate and assisted generation; distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
                             "paused; drift: a stream whose category shifts in phases, online vs static draft, "
                             "through the endpoint; clusters: a mixed-category stream, per-cluster drafts (router) vs "
-                            "one global draft, held-out α̂ per category")
+                            "one global draft, held-out α̂ per category; trees: one distilled draft as chains (fixed "
+                            "and adaptive length), static and dynamic trees, and an early-exit self-draft")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: ../shared/data)")
@@ -155,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from osd.bench.clusters import add_bench_clusters_args
 
     add_bench_clusters_args(bench)
+    from osd.bench.trees import add_bench_trees_args
+
+    add_bench_trees_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,23 +1,31 @@
-"""Trees against chains: the same draft as a chain (fixed γ), a static tree and a dynamic tree.
+"""`osd bench trees`: ways of using one distilled draft, side by side.
 
-`bench_trees` runs every method on the same target object, prompt by prompt in turn (so
-machine noise hits all alike), and reports tokens per target forward, end-to-end tokens/s
-against the target alone, α̂ (Σ min(p, q) at verified positions) and, for trees, the
-achieved per-node acceptance next to the multi-draft bound α*. Under greedy decoding every
-method must reproduce the target's output (losslessness), so tokens/s compare like for like.
-Not wired into the CLI; `render_markdown` gives the docs/benchmarks.md section.
+Chains (fixed γ), chains with an adaptive length (HF's +2/-1 schedule, a confidence stop,
+SpecDec++'s acceptance head), a static tree, a dynamic tree, and a Kangaroo early-exit
+self-draft. `bench_trees` runs every method on the same target object, prompt by prompt in
+turn (so machine noise hits all alike), and reports tokens per target forward, end-to-end
+tokens/s against the target alone, α̂ (Σ min(p, q) at verified positions) and, for trees,
+the achieved per-node acceptance next to the multi-draft bound α*. Under greedy decoding
+every method must reproduce the target's output (losslessness), so tokens/s compare like
+for like.
+
+The command distils its drafts from the records `osd bench distill` leaves behind (the
+stream part), and measures on that category's held-out prompts.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from osd.bench.report import environment, table
+from osd.bench.report import environment, table, update_doc_section, write_json
 from osd.config import SamplingParams
 from osd.engine import Generation, SpeculativeEngine
+from osd.models import DraftModel
 from osd.tree_engine import TreeConfig, TreeSpeculativeEngine, measure_verification_cost
 
 DEFAULT_STATIC = TreeConfig(shape="static", branching=[4, 2, 2, 1])
@@ -27,8 +35,10 @@ DEFAULT_DYNAMIC = TreeConfig(shape="dynamic", top_k=4, max_depth=6, max_nodes=32
 def bench_trees(engine: SpeculativeEngine, prompts: Sequence[list[int]], params: SamplingParams | None = None,
                 gamma: int | None = None, static: TreeConfig | None = None, dynamic: TreeConfig | None = None,
                 cost_curve: Mapping[int, float] | None = None, alpha_star: bool = True,
-                progress: bool = True) -> dict:
+                progress: bool = True, extra: Mapping[str, SpeculativeEngine] | None = None) -> dict:
     """Target alone, chain (γ), static tree and dynamic tree, all with `engine`'s target and draft.
+
+    extra: more methods by name (adaptive chains, early exit), run in the same interleaving.
 
     cost_curve: target forward ms by new tokens, for the dynamic tree's budget; measured on
     the target when None. α* costs time to compute; trees exclude it from their elapsed time.
@@ -47,6 +57,7 @@ def bench_trees(engine: SpeculativeEngine, prompts: Sequence[list[int]], params:
         f"chain_g{chain_config.gamma}": SpeculativeEngine(*args, engine.draft, chain_config),
         "static_tree": TreeSpeculativeEngine(*args, engine.draft, engine.config, static, cost_curve),
         "dynamic_tree": TreeSpeculativeEngine(*args, engine.draft, engine.config, dynamic, cost_curve),
+        **(extra or {}),
     }
     warm = params.model_copy(update={"max_tokens": min(8, params.max_tokens)})
     for method in methods.values():  # first calls pay one-off kernel and allocator setup
@@ -88,7 +99,7 @@ def _level_sizes(config: TreeConfig) -> list[int]:
 def _row(out: Generation) -> dict:
     s = out.stats
     row = {"output_ids": out.output_ids, "tokens": s.output_tokens, "seconds": s.elapsed_s,
-           "target_forwards": s.target_forwards, "rounds": s.rounds, "accepted": s.accepted,
+           "target_forwards": s.target_forwards, "rounds": s.rounds, "proposed": s.proposed, "accepted": s.accepted,
            "beta_sum": s.beta_sum, "beta_count": s.beta_count}
     for key in ("node_trials", "node_accepts", "alpha_star_sum", "alpha_star_low_sum", "alpha_star_count", "draft_s",
                 "verify_s"):
@@ -117,6 +128,7 @@ def _summarise(rows: list[dict]) -> dict:
         "alpha_star": _ratio(rows, "alpha_star_sum", "alpha_star_count"),
         "alpha_star_low": _ratio(rows, "alpha_star_low_sum", "alpha_star_count"),
         "mean_tree_nodes": sum(nodes) / len(nodes) if nodes else None,
+        "drafted_per_round": _ratio(rows, "proposed", "rounds"),
         "draft_share": _ratio(rows, "draft_s", "seconds"),
         "all_match_target": all(r["matches_target"] for r in rows),
     }
@@ -138,21 +150,32 @@ def render_markdown(result: dict) -> str:
         return "yes" if s["all_match_target"] else "NO" if cfg["temperature"] == 0 else "–"
 
     rows = [[name, s["tokens_per_target_forward"] or 1.0, s["tokens_per_s"], s["speedup_vs_target"],
-             f(s["mean_tree_nodes"]), f(s["alpha_hat"]), f(s["node_acceptance"]), bound(s),
+             f(s.get("drafted_per_round")), f(s["alpha_hat"]), f(s["node_acceptance"]), bound(s),
              same(s)]
             for name, s in result["summary"].items()]
+    trained = (f" Drafts: {cfg['draft']} for chains and trees, {cfg['early_exit_draft']} for early exit, distilled on "
+               f"{cfg['train_records']} {cfg['category']} records; the prompts are that category's held-out ones. "
+               f"Confidence / early-exit stop below top-1 q {cfg['exit_threshold']}; the acceptance head stops past "
+               f"P(reject) {cfg['head_threshold']}" if "train_records" in cfg else "")
+    head = result.get("acceptance_head")
+    calibration = (f" Acceptance head on the held-out rows: mean p̂ {head['mean_predicted']:.3f} vs mean label "
+                   f"{head['mean_label']:.3f}, Brier {head['brier']:.3f} (a constant guess: {head['brier_constant']:.3f})."
+                   if head else "")
     curve = result["target_forward_ms_by_new_tokens"]
     decoding = "greedy" if cfg["temperature"] == 0 else f"temperature {cfg['temperature']}, top-p {cfg['top_p']}, top-k {cfg['top_k']}"
     return "\n".join([
-        f"## Token trees (`bench_trees`, {env['date']})",
+        f"## Token trees and adaptive drafting (`osd bench trees`, {env['date']})",
         "",
         f"{cfg['prompts']} prompts × {cfg['max_tokens']} tokens, {decoding}; chain γ={cfg['gamma']}, static branching "
         f"{cfg['static']['branching']}, dynamic top-k {cfg['dynamic']['top_k']} / depth ≤ {cfg['dynamic']['max_depth']} / "
-        f"≤ {cfg['dynamic']['max_nodes']} nodes; torch {env['torch']}, {env['threads']} threads on {env['cpu_count']} cores.",
+        f"≤ {cfg['dynamic']['max_nodes']} nodes; torch {env['torch']}, {env['threads']} threads on {env['cpu_count']} cores."
+        + trained + "." * bool(trained) + calibration,
         "",
-        table(["method", "tokens / target fwd", "tok/s", "× target", "tree nodes", "α̂", "node accept", "α*", "same output"],
+        table(["method", "tokens / target fwd", "tok/s", "× target", "drafted / round", "α̂", "node accept", "α*",
+               "same output"],
               rows),
         "",
+        "drafted / round: draft tokens (tree nodes for trees) per target forward. "
         "α̂: Σ min(p, q) at verified positions (p at temperature 1 under greedy). node accept: share of verified tree "
         "nodes that accepted a child; α*: the best any lossless rule could do with the same children (Hu et al.; "
         "for top-k children the target's mass on them, which point-mass verification reaches; a range where q's "
@@ -161,3 +184,89 @@ def render_markdown(result: dict) -> str:
         "Target forward cost (ms) by new tokens: "
         + ", ".join(f"{k}: {v:.1f}" for k, v in sorted(curve.items())) + ".",
     ])
+
+
+# --------------------------------------------------------------------------- the command
+
+DEFAULT_RECORDS = "bench/results/distill_records-math_reasoning-60+20x96.osdr"
+
+
+def add_bench_trees_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("bench trees (uses --max-tokens (64 here), --gamma, the model args)")
+    g.add_argument("--trees-records", default=DEFAULT_RECORDS,
+                   help=f"records from `osd bench distill` (default {DEFAULT_RECORDS}); its stream part trains the "
+                        "drafts, its held-out prompts are measured")
+    g.add_argument("--trees-heldout", type=int, default=20, help="held-out prompts at the end of the records (20)")
+    g.add_argument("--trees-lr", type=float, default=3e-3, help="distillation learning rate (bench distill's best)")
+    g.add_argument("--exit-threshold", type=float, default=0.3,
+                   help="confidence stop and early exit: stop drafting below this top-1 probability")
+    g.add_argument("--head-threshold", type=float, default=0.7,
+                   help="acceptance head: stop once P(some token of the round is rejected) exceeds this")
+
+
+def distil(target, construction: str, records: Sequence, lr: float) -> DraftModel:
+    """A draft cut from `target` as bench distill's `construction`, trained online on `records` in order."""
+    from osd.bench.distill import CONSTRUCTIONS, DistillBenchSettings, distill_config, make_draft, train_on_stream
+
+    cons = CONSTRUCTIONS[construction]
+    distiller = train_on_stream(make_draft(target, cons), records, distill_config(cons, lr, DistillBenchSettings()))
+    return distiller.candidate()
+
+
+def run_trees_bench_command(args: argparse.Namespace) -> dict:
+    from osd.bench.distill import load_records
+    from osd.config import EngineConfig, ModelConfig
+    from osd.data import chat_prompt_ids, load_questions
+    from osd.early_exit import EarlyExitEngine
+    from osd.engine import build_engine
+    from trainers.acceptance_head import head_calibration, head_examples, train_acceptance_head
+
+    path = Path(args.trees_records)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make bench-distill` first (it leaves the records there), "
+                                "or point --trees-records at another records file from `osd bench distill`")
+    records, meta = load_records(path)
+    n_held = args.trees_heldout
+    if not 1 <= n_held < len(records):
+        raise ValueError(f"--trees-heldout must be in [1, {len(records) - 1}] for {path} ({len(records)} records)")
+    stream, held = records[:-n_held], records[-n_held:]
+    gamma = args.gamma
+    engine = build_engine(ModelConfig(target=args.target, draft="none", device=args.device, dtype=args.dtype,
+                                      torch_threads=args.threads), EngineConfig(gamma=gamma, record=False))
+    questions = {q["question_id"]: q for q in load_questions(args.data)}
+    prompts = [chat_prompt_ids(engine.tokenizer, questions[i]["turns"][0]) for i in meta["question_ids"][-n_held:]]
+
+    print(f"[trees] distilling the chain/tree draft (first2_frozen) and the early-exit draft (kangaroo) on "
+          f"{len(stream)} records of {meta.get('category', '?')}")
+    engine.draft = distil(engine.target, "first2_frozen", stream, args.trees_lr)
+    kangaroo = distil(engine.target, "kangaroo", stream, args.trees_lr)
+    print("[trees] training the acceptance head on the same records")
+    engine.draft.acceptance_head = train_acceptance_head(engine.draft, stream, greedy=True)
+    calibration = head_calibration(engine.draft.acceptance_head, head_examples(engine.draft, held, greedy=True))
+
+    def chain(**update) -> SpeculativeEngine:
+        config = engine.config.model_copy(update=update)
+        return SpeculativeEngine(engine.target, engine.tokenizer, engine.draft, config)
+
+    other_gamma = 2 if gamma != 2 else 4  # a second fixed length: "the best chain" is the better of the two
+    adaptive = dict(max_gamma=8, confidence_threshold=args.exit_threshold, head_threshold=args.head_threshold)
+    extra = {
+        f"chain_g{other_gamma}": chain(gamma=other_gamma),
+        "chain_schedule": chain(length_policy="schedule", **adaptive),
+        "chain_confidence": chain(length_policy="confidence", **adaptive),
+        "chain_head": chain(length_policy="head", **adaptive),
+        "early_exit": EarlyExitEngine.from_engine(
+            SpeculativeEngine(engine.target, engine.tokenizer, None, engine.config.model_copy(update={"gamma": 8})),
+            shared_layers=2, exit_threshold=args.exit_threshold, draft=kangaroo),
+    }
+    result = bench_trees(engine, prompts, SamplingParams(max_tokens=args.max_tokens), gamma=gamma, extra=extra)
+    result["config"].update({"records": str(path), "category": meta.get("category"), "train_records": len(stream),
+                             "exit_threshold": args.exit_threshold, "head_threshold": args.head_threshold,
+                             "draft": "first2_frozen (distilled)", "early_exit_draft": "kangaroo (distilled)"})
+    result["acceptance_head"] = calibration
+    out = write_json(args.out, "trees", {**result, "per_prompt": result["per_prompt"]})
+    markdown = render_markdown(result)
+    doc = update_doc_section(args.doc, "trees", markdown)
+    print(markdown)
+    print(f"\nresults: {out}\ntable:   {doc}")
+    return result
