@@ -62,6 +62,34 @@ class ModelConfig(_Strict):
         return v
 
 
+class TreeConfig(_Strict):
+    """Tree shape and size. Static trees fix the branching; dynamic trees grow by score under a budget."""
+
+    shape: Literal["static", "dynamic"] = Field("dynamic", description="'static' (fixed branching) or 'dynamic' (grown by path probability).")
+    branching: list[int] = Field(default_factory=lambda: [4, 2, 2, 1],
+                                 description="Static: children of every node at each depth, root first.")
+    top_k: int = Field(4, ge=1, le=16, description="Dynamic: nodes expanded per depth, and children kept per expanded node.")
+    max_depth: int = Field(6, ge=1, le=16, description="Dynamic: deepest level drafted.")
+    max_nodes: int = Field(32, ge=1, le=255, description="Dynamic: most nodes (root excluded) a tree may keep.")
+    budget: int | None = Field(None, ge=0, le=255, description="Dynamic: fixed node budget; None = chosen each round from the cost curve.")
+    sampled_children: Literal["draw", "top"] = Field(
+        "draw", description="Under sampling: children drawn from q without replacement, or q's top tokens (point masses).")
+    alpha_star: bool = Field(False, description="Log the multi-draft bound α* at every verified node (analysis; costs time).")
+
+    @field_validator("branching")
+    @classmethod
+    def _branching(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("branching must be a non-empty list of positive child counts, e.g. [4, 2, 2, 1]")
+        size, level = 0, 1
+        for b in v:
+            level *= b
+            size += level
+        if size > 255:
+            raise ValueError(f"branching {v} makes a {size}-node tree; keep it within 255 nodes")
+        return v
+
+
 class EngineConfig(_Strict):
     """Speculative decoding knobs."""
 
@@ -77,9 +105,14 @@ class EngineConfig(_Strict):
     head_threshold: float = Field(
         0.7, gt=0.0, lt=1.0, description="'head': stop once the predicted chance that some token of the round is "
                                          "rejected exceeds this.")
+    tree: TreeConfig | None = Field(
+        None, description="Draft a token tree per round instead of a chain (osd/tree_engine.py); None = a chain.")
 
     @model_validator(mode="after")
     def _cap_covers_gamma(self) -> "EngineConfig":
+        if self.tree is not None and self.length_policy != "fixed":
+            raise ValueError("a token tree sizes itself (TreeConfig); length_policy applies to chains only, so keep "
+                             "it 'fixed' or drop tree")
         if self.length_policy != "fixed" and self.max_gamma < self.gamma:
             raise ValueError(f"max_gamma ({self.max_gamma}) must be >= gamma ({self.gamma}) for an adaptive "
                              "length_policy")

@@ -21,11 +21,11 @@ def config_reference(models: list[type[BaseModel]]) -> str:
 def all_config_models() -> list[type[BaseModel]]:
     from actors.config import OsdAppConfig, TrainerSettings
     from osd.buffer import BufferConfig
-    from osd.config import EngineConfig, ModelConfig, SamplingParams
+    from osd.config import EngineConfig, ModelConfig, SamplingParams, TreeConfig
     from osd.dashboard import DashboardConfig
     from osd.router import RouterConfig
     from osd.registry import RegistryConfig
     from trainers.config import DistillConfig
 
-    return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, SamplingParams, BufferConfig, RegistryConfig,
+    return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, TreeConfig, SamplingParams, BufferConfig, RegistryConfig,
             DistillConfig, DashboardConfig, RouterConfig]

@@ -271,4 +271,9 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
     if models.draft != "none":
         shortlist = load_shortlist(models.shortlist) if models.shortlist else None
         draft = build_draft(target, models.draft, models.draft_layers, shortlist)
-    return SpeculativeEngine(target, tokenizer, draft, engine)
+    chain = SpeculativeEngine(target, tokenizer, draft, engine)
+    if chain.config.tree is None:
+        return chain
+    from osd.tree_engine import TreeSpeculativeEngine  # it builds on this module
+
+    return TreeSpeculativeEngine.from_engine(chain, chain.config.tree)  # measures the cost curve if it needs it

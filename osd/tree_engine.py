@@ -40,14 +40,12 @@ import bisect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from osd.config import EngineConfig, SamplingParams, _Strict
+from osd.config import EngineConfig, SamplingParams, TreeConfig
 from osd.drafting import crop_cache
 from osd.engine import LIVE_DRAFT, Generation, SpecStats, SpeculativeEngine, _Teacher
 from osd.models import DraftModel
@@ -58,34 +56,6 @@ from osd.tree import (TokenTree, TreeVerdict, optimal_acceptance_bounds, tree_at
 from osd.verification import overlap
 
 TREE_ATTENTION = ("sdpa", "eager")  # implementations that honour a custom 4-D additive mask
-
-
-class TreeConfig(_Strict):
-    """Tree shape and size. Static trees fix the branching; dynamic trees grow by score under a budget."""
-
-    shape: Literal["static", "dynamic"] = Field("dynamic", description="'static' (fixed branching) or 'dynamic' (grown by path probability).")
-    branching: list[int] = Field(default_factory=lambda: [4, 2, 2, 1],
-                                 description="Static: children of every node at each depth, root first.")
-    top_k: int = Field(4, ge=1, le=16, description="Dynamic: nodes expanded per depth, and children kept per expanded node.")
-    max_depth: int = Field(6, ge=1, le=16, description="Dynamic: deepest level drafted.")
-    max_nodes: int = Field(32, ge=1, le=255, description="Dynamic: most nodes (root excluded) a tree may keep.")
-    budget: int | None = Field(None, ge=0, le=255, description="Dynamic: fixed node budget; None = chosen each round from the cost curve.")
-    sampled_children: Literal["draw", "top"] = Field(
-        "draw", description="Under sampling: children drawn from q without replacement, or q's top tokens (point masses).")
-    alpha_star: bool = Field(False, description="Log the multi-draft bound α* at every verified node (analysis; costs time).")
-
-    @field_validator("branching")
-    @classmethod
-    def _branching(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("branching must be a non-empty list of positive child counts, e.g. [4, 2, 2, 1]")
-        size, level = 0, 1
-        for b in v:
-            level *= b
-            size += level
-        if size > 255:
-            raise ValueError(f"branching {v} makes a {size}-node tree; keep it within 255 nodes")
-        return v
 
 
 @dataclass
@@ -491,7 +461,7 @@ class TreeSpeculativeEngine(SpeculativeEngine):
                  config: EngineConfig | None = None, tree: TreeConfig | None = None,
                  cost_curve: Mapping[int, float] | None = None):
         super().__init__(target, tokenizer, draft, config)
-        self.tree_config = tree or TreeConfig()
+        self.tree_config = tree or self.config.tree or TreeConfig()
         self.cost_curve = dict(cost_curve) if cost_curve else None
         self.calibration = AcceptanceCalibration()  # learnt across requests, like the cost curve
         for model in (target, draft.model if draft is not None else None):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from osd.config import EngineConfig, SamplingParams
+from osd.config import EngineConfig, SamplingParams, TreeConfig
 from osd.engine import SpeculativeEngine
 from osd.http import build_app
 from osd.registry import DraftMismatchError, DraftRegistry, FileStore
@@ -103,6 +103,32 @@ def test_completion_greedy_equals_target_and_carries_stats(stack):
     # token-id prompts work too
     resp = stack["client"].completions.create(model=MODEL, prompt=core.encode_prompt(prompt), **GREEDY)
     assert resp.choices[0].text == want_text
+
+
+@pytest.mark.parametrize("config", [EngineConfig(tree=TreeConfig(shape="static", branching=[3, 2, 1])),
+                                    EngineConfig(gamma=2, length_policy="schedule", max_gamma=6)],
+                         ids=["static-tree", "schedule"])
+def test_tree_and_adaptive_engines_serve_the_targets_output(stack, config):
+    """The same endpoint over a tree engine and an adaptive-length chain: greedy is the target's
+    output, the stats and the training record come along."""
+    from osd.recorder import Recorder
+    from osd.tree_engine import TreeSpeculativeEngine
+
+    target, tokenizer = stack["target"], stack["tokenizer"]
+    kind = TreeSpeculativeEngine if config.tree is not None else SpeculativeEngine
+    engine = kind(target, tokenizer, noisy_copy(target, noise=0.3), config)
+    sink = ListSink()
+    core = ServingCore(engine, MODEL, recorder=Recorder(sink))
+    with core.recorder, serving(build_app(core)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=30)
+        prompt = "The quick brown fox"
+        want_text, want_ids = greedy_text(stack, core.encode_prompt(prompt))
+        resp = client.completions.create(model=MODEL, prompt=prompt, **GREEDY)
+        assert resp.choices[0].text == want_text
+        osd = resp.model_extra["osd"]
+        assert osd["proposed"] > 0 and 0 < osd["accepted"] and osd["target_forwards"] < len(want_ids)
+        assert core.recorder.flush(timeout_s=10)
+    assert [r.output_ids for r in sink.records] == [want_ids]
 
 
 def test_chat_greedy_uses_the_chat_template(stack):

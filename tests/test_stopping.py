@@ -160,3 +160,5 @@ def test_adaptive_policy_needs_a_cap_that_covers_gamma():
     with pytest.raises(ValidationError, match="max_gamma"):
         EngineConfig(gamma=6, max_gamma=4, length_policy="schedule")
     assert EngineConfig(gamma=6, max_gamma=4).round_cap == 6  # fixed ignores max_gamma
+    with pytest.raises(ValidationError, match="chains only"):
+        EngineConfig(length_policy="confidence", tree={"shape": "static"})
