@@ -24,6 +24,16 @@ class Proposal:
     probs: torch.Tensor
 
 
+def choose_token(logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [1, V] → (token [1], q [1, V]): the warped q it is sampled from, or under greedy the
+    argmax and the temperature-1 softmax (used for α̂ only)."""
+    if params.greedy:
+        return logits.argmax(-1), logits.softmax(-1)
+    dist = warp_probs(logits, params)
+    return sample(dist, generator), dist
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop cached positions past `length` (transformers 5 crops by a negative count)."""
     extra = cache.get_seq_length() - length
@@ -60,12 +70,7 @@ class Drafter:
         for i in range(gamma):
             out = self.draft(feed, past_key_values=self.cache, logits_to_keep=1, return_hidden=want_hidden)
             logits, hidden = (out[0][0, -1:], out[1][0, -1]) if want_hidden else (out[0, -1:], None)  # [1, V], [H]
-            if params.greedy:
-                token = logits.argmax(-1)
-                dist = logits.softmax(-1)
-            else:
-                dist = warp_probs(logits, params)
-                token = sample(dist, generator)
+            token, dist = choose_token(logits, params, generator)
             proposed.append(token)
             dists.append(dist)
             if i + 1 < gamma and not self.policy.keep_drafting(dist[0], int(token), hidden):

@@ -44,10 +44,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 
 from osd.config import EngineConfig, SamplingParams
-from osd.drafting import Proposal
+from osd.drafting import Proposal, choose_token
 from osd.engine import Generation, SpeculativeEngine
 from osd.models import DraftModel, build_self_draft
-from osd.sampling import sample, warp_probs
 from osd.stopping import ConfidenceStop, LengthPolicy
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -193,29 +192,6 @@ def crop_layers(cache: DynamicCache, layers: range, length: int) -> None:
         assert cache.layers[i].get_seq_length() <= length, "KV cache crop failed"
 
 
-def draft_logits(draft: DraftModel, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden: [N, H] final-norm hidden states → logits [N, V] fp32, through the draft's (shortlist) head.
-
-    Mirrors the head half of DraftModel.forward, which has no entry point taking hidden states.
-    """
-    if draft.shortlist is None:
-        return draft.model.get_output_embeddings()(hidden).float()
-    short_logits = (hidden @ draft._shortlist_head().T).float()  # [N, K]
-    logits = short_logits.new_full((hidden.shape[0], draft.vocab_size), float("-inf"))
-    logits[:, draft.shortlist] = short_logits
-    return logits
-
-
-def choose_token(logits: torch.Tensor, params: SamplingParams,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [1, V] → (token [1], q [1, V]) exactly as Drafter: the warped q it is sampled from, or under
-    greedy the argmax and the temperature-1 softmax (for α̂ only)."""
-    if params.greedy:
-        return logits.argmax(-1), logits.softmax(-1)
-    dist = warp_probs(logits, params)
-    return sample(dist, generator), dist
-
-
 # ---- the drafter ------------------------------------------------------------------------------------
 
 class EarlyExitDrafter:
@@ -257,7 +233,7 @@ class EarlyExitDrafter:
         try:
             for i in range(gamma):
                 hidden = self._step(feed, catch_up if i == 0 else None)  # [1, H]
-                token, dist = choose_token(draft_logits(self.draft, hidden), params, generator)
+                token, dist = choose_token(self.draft.logits_from_hidden(hidden), params, generator)
                 proposed.append(token)
                 dists.append(dist)
                 if i + 1 < gamma and not self.policy.keep_drafting(

@@ -227,14 +227,17 @@ class DraftModel(nn.Module):
                                           use_cache=past_key_values is not None).last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        if self.shortlist is None:
-            logits = self.model.get_output_embeddings()(hidden).float()
-        else:
-            head = self._shortlist_head()  # [K, H]
-            short_logits = (hidden @ head.T).float()  # [B, S, K]
-            logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
-            logits[..., self.shortlist] = short_logits
+        logits = self.logits_from_hidden(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., H] final-norm hidden states → logits [..., V] fp32 through the (shortlist) head."""
+        if self.shortlist is None:
+            return self.model.get_output_embeddings()(hidden).float()
+        short_logits = (hidden @ self._shortlist_head().T).float()  # [..., K]
+        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.shortlist] = short_logits
+        return logits
 
 
     def _shortlist_head(self) -> torch.Tensor:
