@@ -301,10 +301,11 @@ class AdapterDraft(DraftModel):
         """The peft adapter name, unique per ``add``; None for the base draft."""
         return self._handle.name
 
-    def forward(self, input_ids: Tensor, past_key_values=None, logits_to_keep: int = 0) -> Tensor:
+    def forward(self, input_ids: Tensor, past_key_values=None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """input_ids: [B, S] → logits [B, S or logits_to_keep, V] fp32, as DraftModel.forward, with this adapter."""
         with self._owner._using(self.adapter):  # held across the body and the shortlist head
-            return super().forward(input_ids, past_key_values, logits_to_keep)
+            return super().forward(input_ids, past_key_values, logits_to_keep, return_hidden)
 
     def _shortlist_head(self) -> Tensor:
         # The head is never adapted when there is a shortlist (checked at construction), so

@@ -285,3 +285,47 @@ def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers:
         model = load_causal_lm(draft, device=target.device, dtype=target.dtype)
         check_same_vocabulary(target, model)
     return DraftModel(model, shortlist)
+
+
+# ---- a published draft version: the draft's weights, plus SpecDec++'s acceptance head when it has one
+
+ACCEPTANCE_HEAD_PREFIX = "acceptance_head."  # head tensors ride in the same safetensors file under this prefix
+
+
+def published_state_dict(draft: DraftModel) -> dict[str, torch.Tensor]:
+    """What a trainer publishes for ``draft``: ``draft.model``'s weights and, if attached, the acceptance head's."""
+    state = {k: v.detach() for k, v in draft.model.state_dict().items()}
+    if draft.acceptance_head is not None:
+        state |= {ACCEPTANCE_HEAD_PREFIX + k: v.detach() for k, v in draft.acceptance_head.state_dict().items()}
+    return state
+
+
+def published_specs(template: DraftModel, names) -> dict[str, tuple[list[int], torch.dtype]]:
+    """name -> (shape, dtype) a published version must match to load into ``template``'s construction;
+    ``names``: the version's tensor names (a version with a head must carry exactly the head's tensors)."""
+    from osd.stopping import AcceptanceHead  # local: stopping is the drafting side
+
+    specs = {k: (list(v.shape), v.dtype) for k, v in template.model.state_dict().items()}
+    if any(name.startswith(ACCEPTANCE_HEAD_PREFIX) for name in names):
+        head = AcceptanceHead(template.config.hidden_size)
+        specs |= {ACCEPTANCE_HEAD_PREFIX + k: (list(v.shape), v.dtype) for k, v in head.state_dict().items()}
+    return specs
+
+
+def load_published_state(template: DraftModel, state: dict[str, torch.Tensor]) -> DraftModel:
+    """A fresh eval-mode copy of ``template`` (same construction and shortlist) holding ``state``.
+
+    Raises RuntimeError (from load_state_dict) when names or shapes do not fit.
+    """
+    from osd.stopping import AcceptanceHead
+
+    weights = {k: v for k, v in state.items() if not k.startswith(ACCEPTANCE_HEAD_PREFIX)}
+    head_state = {k[len(ACCEPTANCE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(ACCEPTANCE_HEAD_PREFIX)}
+    draft = copy.deepcopy(template)
+    draft.model.load_state_dict(weights, strict=True)
+    draft.acceptance_head = None  # a version without a head must not keep the template's
+    if head_state:
+        device = next(template.parameters()).device
+        draft.acceptance_head = AcceptanceHead(template.config.hidden_size).to(device)
+        draft.acceptance_head.load_state_dict(head_state, strict=True)
+    return draft.eval().requires_grad_(False)

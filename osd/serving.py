@@ -51,9 +51,9 @@ from osd.buffer import RecordBuffer
 from osd.config import SamplingParams
 from osd.dashboard import DashboardStore
 from osd.engine import Generation, RequestError, SpeculativeEngine
-from osd.models import DraftModel
+from osd.models import DraftModel, load_published_state, published_specs
 from osd.recorder import Recorder
-from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _spec_diff, tensor_specs
+from osd.registry import _CLUSTER_RE, DraftMismatchError, DraftRegistry, _normalize_specs, _spec_diff, tensor_specs
 from osd.router import Router
 
 log = logging.getLogger(__name__)
@@ -622,18 +622,16 @@ class ServingCore:
         if template is None:
             raise DraftMismatchError("this replica serves without a draft (draft 'none'), so there is no "
                                      "draft to swap; start it with a draft to use hot-swapping")
-        problems = _spec_diff(tensor_specs(state_dict), tensor_specs(template.model.state_dict()))
+        problems = _spec_diff(tensor_specs(state_dict), _normalize_specs(published_specs(template, state_dict)))
         if problems:
             raise DraftMismatchError(
                 f"draft v{version} for cluster {cluster!r} does not fit the live draft: {'; '.join(problems)}. "
                 f"Keeping v{self.live_draft(cluster).version}; publish a draft built for this target and draft "
                 "construction.")
-        new = copy.deepcopy(template)  # same module structure and shortlist; weights overwritten below
-        try:
-            new.model.load_state_dict(state_dict, strict=True)
+        try:  # a copy of global's construction and shortlist, with these weights (and acceptance head)
+            return load_published_state(template, dict(state_dict))
         except RuntimeError as e:
             raise DraftMismatchError(f"draft v{version} for cluster {cluster!r} failed to load: {e}") from e
-        return new.eval().requires_grad_(False)
 
     def _retire(self, pair: LiveDraft | None) -> None:
         """A pair no longer served: in shared-base mode its adapter is freed once its last request ends."""
@@ -673,7 +671,7 @@ class ServingCore:
             if template is None:
                 raise DraftMismatchError("this replica serves without a draft; it cannot load registry drafts")
             specs = (self.shared.adapter_specs() if self.shared is not None
-                     else tensor_specs(template.model.state_dict()))
+                     else published_specs(template, manifest.tensors))
             state = registry.load_validated(cluster, manifest.version, specs)
             live = self.swap_draft(manifest.version, state, cluster, meta=manifest.meta)
         if self.shared is not None:

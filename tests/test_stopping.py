@@ -156,3 +156,40 @@ def test_adaptive_policy_needs_a_cap_that_covers_gamma():
     assert EngineConfig(gamma=6, max_gamma=4).round_cap == 6  # fixed ignores max_gamma
     with pytest.raises(ValidationError, match="chains only"):
         EngineConfig(length_policy="confidence", tree={"shape": "static"})
+
+
+def test_the_head_trains_online_and_ships_with_the_draft(tmp_path):
+    """DistillConfig(acceptance_head=...) refits the head on every update; it is published with the
+    weights, and a replica syncing from the registry serves 'head' stopping with it."""
+    from osd.registry import DraftMismatchError, DraftRegistry, FileStore
+    from osd.serving import ServingCore
+    from trainers.config import DistillConfig
+    from trainers.distiller import OnlineDistiller
+
+    engine = engine_with("head")
+    distiller = OnlineDistiller(engine.draft, DistillConfig(acceptance_head="greedy", acceptance_head_steps=20,
+                                                            update_interval=4, holdout_fraction=0.0))
+    assert distiller.add(records(engine, 4)) and distiller.acceptance_head is not None
+    state = distiller.export_state_dict()
+    assert any(k.startswith("acceptance_head.") for k in state)
+
+    registry = DraftRegistry(FileStore(tmp_path))
+    registry.publish("global", state)
+    core = ServingCore(engine, "tiny", registry=registry)
+    assert engine.draft.acceptance_head is None  # a fresh replica: no head, so fixed γ
+    core.sync_from_registry()
+    live = core.live_draft().draft
+    assert live.acceptance_head is not None
+    assert all(torch.equal(v, distiller.acceptance_head.state_dict()[k])
+               for k, v in live.acceptance_head.state_dict().items())
+    engine.config = engine.config.model_copy(update={"head_threshold": 0.3})
+    out = engine.generate([1, 2, 3], SamplingParams(max_tokens=30), draft=live)
+    assert set(round_lengths(out)[:-1]) != {3}  # the head, not the fixed-γ fallback, sized the rounds
+
+    # A later version without a head drops it; a head of the wrong shape is refused.
+    registry.publish("global", engine.draft.model.state_dict())
+    core.sync_from_registry()
+    assert core.live_draft().draft.acceptance_head is None
+    bad = dict(state) | {"acceptance_head.net.0.weight": torch.zeros(4, 4)}
+    with pytest.raises(DraftMismatchError, match="acceptance_head"):
+        core.swap_draft(99, bad)

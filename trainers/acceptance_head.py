@@ -82,7 +82,7 @@ def train_acceptance_head(draft: DraftModel, records: Sequence[TrainingRecord], 
     """
     examples = head_examples(draft, records, greedy=greedy, seed=seed)
     device = examples.hidden.device
-    head = head or AcceptanceHead(examples.hidden.shape[-1]).to(device)
+    head = (head or AcceptanceHead(examples.hidden.shape[-1])).to(device).requires_grad_(True)
     features = AcceptanceHead.features(examples.hidden, examples.probs, examples.tokens)  # [N, H + 3]
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)

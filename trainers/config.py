@@ -75,6 +75,12 @@ class DistillConfig(BaseModel):
                     "[0, 1]. With freeze_embeddings and freeze_head this trains only the layers above them and the "
                     "final norm: a Kangaroo-style adapter on a frozen shallow sub-network.")
 
+    acceptance_head: Literal["off", "greedy", "sampled"] = Field(
+        "off", description="Also train SpecDec++'s acceptance head on each update's records and publish it with the "
+                           "draft, for replicas with engine.length_policy='head': labels for 'greedy' or 'sampled' "
+                           "verification. Not published in shared-base (cluster_drafts='lora') mode.")
+    acceptance_head_steps: int = Field(50, ge=1, le=10_000, description="Head optimizer steps per update.")
+
     # -- the promotion gate ------------------------------------------------------------------
     holdout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of incoming records set aside (never trained on) for the gate.")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from osd.models import DraftModel
+from osd.models import ACCEPTANCE_HEAD_PREFIX, DraftModel
 from osd.records import TrainingRecord
 from trainers.config import DistillConfig
 from trainers.losses import distillation_loss
@@ -175,6 +175,7 @@ class OnlineDistiller:
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self.records_seen = 0
         self.updates = 0
+        self.acceptance_head = None  # osd.stopping.AcceptanceHead once config.acceptance_head is on and it trained
         self.duplicates = 0
 
     def _freeze(self, hf: nn.Module) -> None:
@@ -260,10 +261,20 @@ class OnlineDistiller:
             else:
                 losses.append(loss)
         self.updates += 1
+        if cfg.acceptance_head != "off" and records:
+            self._train_acceptance_head(records)
         rows = sum(min(r.num_positions, cfg.max_seq_len) for r in records)
         on_policy = sum(int(r.on_policy_mask()[: cfg.max_seq_len].sum()) for r in records)
         return UpdateResult(self.updates, sum(losses) / len(losses) if losses else 0.0, len(losses), skipped,
                             len(records), rows, on_policy, self.records_seen, time.perf_counter() - start)
+
+    def _train_acceptance_head(self, records: list[TrainingRecord]) -> None:
+        """Refit SpecDec++'s head to the draft as it now is, warm-started, on the records just trained on."""
+        from trainers.acceptance_head import train_acceptance_head  # it builds on this module
+
+        self.acceptance_head = train_acceptance_head(
+            self.draft, records, greedy=self.config.acceptance_head == "greedy", head=self.acceptance_head,
+            steps=self.config.acceptance_head_steps, seed=self.config.seed + self.updates)
 
     def _step(self, records: list[TrainingRecord]) -> float | None:
         """One optimizer step; None when skipped (nothing weighted, or a non-finite gradient)."""
@@ -305,10 +316,15 @@ class OnlineDistiller:
         return copy.deepcopy(self._peft).merge_and_unload()
 
     def export_state_dict(self) -> dict[str, Tensor]:
-        """The current weights with the live draft's names and shapes (``draft.model.state_dict()``)."""
+        """The current weights with the live draft's names and shapes (``draft.model.state_dict()``), plus
+        the acceptance head's under ``acceptance_head.`` once it trains (osd.models.published_state_dict)."""
         if self._peft is None:
-            return {k: v.detach().clone() for k, v in self.draft.model.state_dict().items()}
-        return self._plain_model().state_dict()
+            state = {k: v.detach().clone() for k, v in self.draft.model.state_dict().items()}
+        else:
+            state = self._plain_model().state_dict()
+        if self.acceptance_head is not None:
+            state |= {ACCEPTANCE_HEAD_PREFIX + k: v.detach().clone() for k, v in self.acceptance_head.state_dict().items()}
+        return state
 
     def export_adapter_state_dict(self) -> dict[str, Tensor]:
         """mode='lora' only: just the LoRA tensors, for shared-base replicas (``osd.adapters.SharedBaseDrafts.add``).
@@ -330,4 +346,4 @@ class OnlineDistiller:
         """A plain, eval-mode DraftModel with the current weights, independent of further training."""
         model = self._plain_model().eval()
         model.requires_grad_(False)
-        return DraftModel(model, self._shortlist).eval()
+        return DraftModel(model, self._shortlist, acceptance_head=copy.deepcopy(self.acceptance_head)).eval()

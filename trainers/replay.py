@@ -10,7 +10,6 @@ registry and swapped into the engine by replacing one reference between requests
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -18,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 from osd.config import SamplingParams
 from osd.engine import Generation, RequestError, SpeculativeEngine
-from osd.models import DraftModel
-from osd.registry import DraftRegistry, RegistryError, tensor_specs
+from osd.models import load_published_state, published_specs
+from osd.registry import DraftRegistry, RegistryError
 from trainers.distiller import OnlineDistiller, UpdateResult
 from trainers.gate import GateDecision, PromotionGate
 
@@ -97,16 +96,9 @@ def load_live_draft(engine: SpeculativeEngine, registry: DraftRegistry, cluster:
     if manifest is None:
         return 0
     live = engine.draft
-    state = registry.load_validated(cluster, manifest.version, tensor_specs(live.model.state_dict()))
-    engine.draft = _draft_with(live, state)
+    state = registry.load_validated(cluster, manifest.version, published_specs(live, manifest.tensors))
+    engine.draft = load_published_state(live, state)  # beside the live one
     return manifest.version
-
-
-def _draft_with(template: DraftModel, state: dict) -> DraftModel:
-    """A fresh eval-mode copy of ``template`` (same shortlist) holding ``state``: loaded beside the live one."""
-    draft = copy.deepcopy(template)
-    draft.model.load_state_dict(state, strict=True)
-    return draft.eval().requires_grad_(False)
 
 
 def distill_replay(
@@ -215,15 +207,15 @@ def _promote(engine: SpeculativeEngine, distiller: OnlineDistiller, registry: Dr
     state = distiller.export_state_dict()
     if registry is None:
         live.version += 1
-        engine.draft = _draft_with(engine.draft, state)
+        engine.draft = load_published_state(engine.draft, state)
         return
     cfg = distiller.config
     manifest = registry.publish(cluster, state, parent=live.version, loss=result.loss,
                                 gate_alpha=decision.candidate_alpha,
                                 meta={"loss_name": cfg.loss, "mode": cfg.mode, "records_seen": result.records_seen})
     # Load it back the way a serving replica does (checksum + names/shapes/dtypes), beside the live draft.
-    specs = tensor_specs(engine.draft.model.state_dict())
-    engine.draft = _draft_with(engine.draft, registry.load_validated(cluster, manifest.version, specs))
+    specs = published_specs(engine.draft, state)
+    engine.draft = load_published_state(engine.draft, registry.load_validated(cluster, manifest.version, specs))
     live.version = manifest.version
 
 
