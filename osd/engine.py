@@ -43,7 +43,8 @@ class SpecStats:
     beta_count: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time, less analysis_s
+    analysis_s: float = 0.0  # analysis-only work serving would not do (e.g. a tree's α*)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -140,7 +141,7 @@ class SpeculativeEngine:
         start = time.perf_counter()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
-        stats = SpecStats(accepted_per_position=[0] * self.config.round_cap, prompt_tokens=len(prompt_ids))
+        stats = self._new_stats(len(prompt_ids))
         teacher = _Teacher(self.config.teacher_top_k)
         rounds: list[DraftRound] = []
         tokens = list(prompt_ids)
@@ -151,13 +152,9 @@ class SpeculativeEngine:
         finish = None
         while finish is None:
             out_len = len(tokens) - len(prompt_ids)
-            cap = min(self.config.round_cap, params.max_tokens - out_len - 1) if drafter else 0
-            proposal = drafter.propose(tokens, cap, params, generator) if cap > 0 else None
-            new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
-            if proposal is not None:
-                rounds.append(DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted))
-                drafter.observe(len(proposal.tokens), verdict.num_accepted)
-                drafter.rollback(len(tokens) + len(new_tokens))
+            new_tokens, draft_round = self._round(tokens, out_len, cache, drafter, params, generator, teacher, stats)
+            if draft_round is not None:
+                rounds.append(draft_round)
             tokens.extend(new_tokens)
             if on_tokens is not None:
                 on_tokens(new_tokens)
@@ -166,7 +163,7 @@ class SpeculativeEngine:
             finish = self._finish_reason(tokens, len(prompt_ids), params)
         output_ids, text, finish = self._finalize(tokens[len(prompt_ids):], params)
         stats.output_tokens = len(output_ids)
-        stats.elapsed_s = time.perf_counter() - start
+        stats.elapsed_s = time.perf_counter() - start - stats.analysis_s
         record = None
         if self.config.record:
             ids, logprobs, lse = teacher.rows(len(output_ids))
@@ -174,6 +171,24 @@ class SpeculativeEngine:
                                     [r for r in rounds if r.start < len(output_ids)],
                                     cluster=cluster, draft_version=draft_version)
         return Generation(output_ids, text, finish, stats, record)
+
+    def _new_stats(self, prompt_tokens: int) -> SpecStats:
+        return SpecStats(accepted_per_position=[0] * self.config.round_cap, prompt_tokens=prompt_tokens)
+
+    def _round(self, tokens: list[int], out_len: int, cache: DynamicCache, drafter: Drafter | None,
+               params: SamplingParams, generator: torch.Generator, teacher: _Teacher,
+               stats: SpecStats) -> tuple[list[int], DraftRound | None]:
+        """One round after ``out_len`` output tokens: draft, one target forward, accept. Returns the newly
+        committed tokens and what the draft proposed (None without a draft)."""
+        room = params.max_tokens - out_len - 1  # draft tokens that can still be used
+        cap = min(self.config.round_cap, room) if drafter else 0
+        proposal = drafter.propose(tokens, cap, params, generator) if cap > 0 else None
+        new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
+        if proposal is None:
+            return new_tokens, None
+        drafter.observe(len(proposal.tokens), verdict.num_accepted)
+        drafter.rollback(len(tokens) + len(new_tokens))
+        return new_tokens, DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted)
 
     def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> Drafter:
         """One request's drafter. cache: the request's target cache (empty yet), for drafters that share it."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +47,9 @@ from transformers.cache_utils import DynamicLayer
 
 from osd.config import EngineConfig, SamplingParams, TreeConfig
 from osd.drafting import crop_cache
-from osd.engine import LIVE_DRAFT, Generation, SpecStats, SpeculativeEngine, _Teacher
+from osd.engine import SpecStats, SpeculativeEngine, _Teacher
 from osd.models import DraftModel
-from osd.records import DraftRound, TrainingRecord
+from osd.records import DraftRound
 from osd.sampling import warp_probs
 from osd.tree import (TokenTree, TreeVerdict, optimal_acceptance_bounds, tree_attention_mask, tree_position_ids,
                       verify_tree_greedy, verify_tree_sampled)
@@ -75,7 +75,6 @@ class TreeStats(SpecStats):
     alpha_star_count: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
-    analysis_s: float = 0.0
     budgets: list[int] = field(default_factory=list)  # tree size (root excluded) of every round
 
     @property
@@ -484,57 +483,32 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         cfg = self.tree_config
         return len(cfg.branching) if cfg.shape == "static" else cfg.max_depth
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], params: SamplingParams, draft_version: int = 0,
-                 cluster: str = "global", on_tokens: Callable[[list[int]], None] | None = None,
-                 draft: DraftModel | None | object = LIVE_DRAFT) -> Generation:
-        """As SpeculativeEngine.generate, one tree per round; stats are TreeStats."""
-        self.validate(prompt_ids, params)
-        draft = self.draft if draft is LIVE_DRAFT else draft  # read once, as the chain engine does
-        start = time.perf_counter()
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
-        stats = TreeStats(accepted_per_position=[0] * self._depth_cap(), prompt_tokens=len(prompt_ids))
-        teacher = _Teacher(self.config.teacher_top_k)
-        rounds: list[DraftRound] = []
-        tokens = list(prompt_ids)
-        cache = DynamicCache(config=self.target.config)
-        drafter = TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration) if draft is not None else None
-        if len(tokens) > 1:
-            self._target_forward(tokens[:-1], cache, keep=1)
-        finish = None
-        while finish is None:
-            out_len = len(tokens) - len(prompt_ids)
-            depth = min(self._depth_cap(), params.max_tokens - out_len - 1) if drafter else 0
-            if depth > 0:
-                tree, draft_ms = drafter.build(tokens, params, generator, depth)
-                stats.draft_s += draft_ms / 1000
-            else:
-                tree = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device)
-            new_tokens, verdict = self._verify_tree(tokens, cache, tree, params, generator, teacher, stats)
-            if tree.size > 1:
-                path = verdict.path
-                kids = tree.children(path[-1] if path else 0)
-                # What the draft proposed along the committed path, up to the first rejected child.
-                proposed = tree.tokens[path + kids[:1]].tolist()
-                rounds.append(DraftRound(out_len, proposed, verdict.num_accepted))
-            if drafter is not None:
-                drafter.rollback(len(tokens))
-            tokens.extend(new_tokens)
-            if on_tokens is not None:
-                on_tokens(new_tokens)
-            assert cache.get_seq_length() == len(tokens) - 1, "target cache out of step with committed tokens"
-            finish = self._finish_reason(tokens, len(prompt_ids), params)
-        output_ids, text, finish = self._finalize(tokens[len(prompt_ids):], params)
-        stats.output_tokens = len(output_ids)
-        stats.elapsed_s = time.perf_counter() - start - stats.analysis_s
-        record = None
-        if self.config.record:
-            ids, logprobs, lse = teacher.rows(len(output_ids))
-            record = TrainingRecord(list(prompt_ids), output_ids, ids, logprobs, lse,
-                                    [r for r in rounds if r.start < len(output_ids)],
-                                    cluster=cluster, draft_version=draft_version)
-        return Generation(output_ids, text, finish, stats, record)
+    def _new_stats(self, prompt_tokens: int) -> TreeStats:
+        return TreeStats(accepted_per_position=[0] * self._depth_cap(), prompt_tokens=prompt_tokens)
+
+    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> TreeDrafter:
+        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration)
+
+    def _round(self, tokens: list[int], out_len: int, cache: DynamicCache, drafter: TreeDrafter | None,
+               params: SamplingParams, generator: torch.Generator, teacher: _Teacher,
+               stats: TreeStats) -> tuple[list[int], DraftRound | None]:
+        """One tree per round: draft it, verify it in one target forward, keep the accepted path's KV."""
+        depth = min(self._depth_cap(), params.max_tokens - out_len - 1) if drafter else 0
+        if depth > 0:
+            tree, draft_ms = drafter.build(tokens, params, generator, depth)
+            stats.draft_s += draft_ms / 1000
+        else:
+            tree = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device)
+        new_tokens, verdict = self._verify_tree(tokens, cache, tree, params, generator, teacher, stats)
+        if drafter is not None:
+            drafter.rollback(len(tokens))
+        if tree.size == 1:
+            return new_tokens, None
+        path = verdict.path
+        kids = tree.children(path[-1] if path else 0)
+        # What the draft proposed along the committed path, up to the first rejected child.
+        proposed = tree.tokens[path + kids[:1]].tolist()
+        return new_tokens, DraftRound(out_len, proposed, verdict.num_accepted)
 
     def _tree_forward(self, tree: TokenTree, cache: DynamicCache) -> torch.Tensor:
         """All tree nodes in one target forward on top of the cache → fp32 logits [n, V]."""
