@@ -378,10 +378,10 @@ class _CurveGate(PromotionGate):
         self.shortlist = shortlist
         self.curve: list[dict] = []
 
-    def decide(self, candidate: DraftModel, live: DraftModel, holdout) -> GateDecision:
+    def decide(self, candidate: DraftModel, live: DraftModel, holdout, ages=None) -> GateDecision:
         start = time.perf_counter()
         cand = _view(candidate, self.shortlist)
-        decision = super().decide(cand, live, holdout)
+        decision = super().decide(cand, live, holdout, ages)
         gate_s = time.perf_counter() - start
         score = score_draft(cand, self.curve_records, self.batch_size, self.max_seq_len)
         last = self.distiller.results[-1]
@@ -642,7 +642,7 @@ def online_run(target, tokenizer, cons: Construction, lr: float, gamma: int, sho
     config = distill_config(cons, lr, s, s.on_policy_ratio)
     distiller = _TracedDistiller(_view(base, None), config)  # full head: see _CurveGate
     gate = _CurveGate(distiller, heldout_records, shortlist, margin=config.gate_margin, batch_size=config.batch_size,
-                      max_seq_len=config.max_seq_len)
+                      max_seq_len=config.max_seq_len, half_life=config.gate_half_life)
     engine = SpeculativeEngine(target, tokenizer, live,
                                EngineConfig(gamma=gamma, teacher_top_k=s.teacher_top_k, record=True))
     trained_at_request: list[int] = []
