@@ -56,3 +56,13 @@ def assert_distributed_as_target(counts: dict, n: int, target, draft_model, prom
     draft_dist = exact_sequences(draft_model, prompt, params)
     assert chi_square_pvalue(counts, {s: draft_dist.get(s, 0.0) + 1e-12 for s in set(draft_dist) | set(counts)},
                              n) < 1e-3, "the check could not tell the draft's distribution from the target's"
+
+
+def sample_outputs(engine, prompt: list[int], params: dict, n: int) -> tuple[dict, list]:
+    """n sampled generations (seeds 0..n-1) → (output tuple → count, the Generations)."""
+    counts, generations = {}, []
+    for seed in range(n):
+        out = engine.generate(prompt, SamplingParams(seed=seed, **params))
+        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
+        generations.append(out)
+    return counts, generations

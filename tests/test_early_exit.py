@@ -17,7 +17,7 @@ from osd.early_exit import EarlyExitDrafter, EarlyExitEngine
 from osd.engine import SpeculativeEngine
 from osd.models import DraftModel, build_self_draft, transpose_linear_weights
 from osd.stopping import ConfidenceStop, LengthPolicy
-from lossless import VOCAB, assert_distributed_as_target
+from lossless import VOCAB, assert_distributed_as_target, sample_outputs
 from test_engine import prompts
 from tiny import CharTokenizer, hf_greedy, tiny_llama
 
@@ -75,11 +75,9 @@ def test_sampled_sequences_follow_the_target():
     draft = shared_draft(target, adapter_noise=1.5)
     params = dict(max_tokens=gamma + 1, temperature=0.9, top_p=0.9)
     engine = early_engine(target, draft, gamma=gamma, record=False)
-    prompt, counts, accepted = [1, 2], {}, 0
-    for seed in range(samples):
-        out = engine.generate(prompt, SamplingParams(seed=seed, **params))
-        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
-        accepted += out.stats.accepted
+    prompt = [1, 2]
+    counts, outs = sample_outputs(engine, prompt, params, samples)
+    accepted = sum(o.stats.accepted for o in outs)
     assert_distributed_as_target(counts, samples, target, draft.model, prompt, SamplingParams(**params))
     assert 0 < accepted < samples * gamma, "both accept and reject paths must be exercised"
 

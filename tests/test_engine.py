@@ -7,7 +7,7 @@ import torch
 from osd import drafting
 from osd.config import EngineConfig, SamplingParams
 from osd.engine import RequestError, SpeculativeEngine
-from lossless import VOCAB, assert_distributed_as_target
+from lossless import VOCAB, assert_distributed_as_target, sample_outputs
 from tiny import CharTokenizer, hf_greedy, noisy_copy, tiny_llama, tiny_pair
 
 
@@ -138,11 +138,8 @@ def test_sampled_sequences_follow_the_target(gamma, temperature, top_p, top_k):
     prompt = [1, 2]
     params = dict(max_tokens=gamma + 1, temperature=temperature, top_p=top_p, top_k=top_k)
     engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=gamma, record=False))
-    counts, accepted = {}, 0
-    for seed in range(SAMPLES):
-        out = engine.generate(prompt, SamplingParams(seed=seed, **params))
-        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
-        accepted += out.stats.accepted
+    counts, outs = sample_outputs(engine, prompt, params, SAMPLES)
+    accepted = sum(o.stats.accepted for o in outs)
     assert_distributed_as_target(counts, SAMPLES, target, draft.model, prompt, SamplingParams(**params))
     assert 0 < accepted < SAMPLES * gamma, "both accept and reject paths must be exercised"
 

@@ -11,7 +11,7 @@ from osd.drafting import Drafter
 from osd.engine import SpeculativeEngine
 from osd.models import DraftModel
 from osd.stopping import AcceptanceHead, ConfidenceStop, HeadStop, LengthPolicy, ScheduleLength, make_length_policy
-from lossless import assert_distributed_as_target
+from lossless import assert_distributed_as_target, sample_outputs
 from tiny import CharTokenizer, hf_greedy, noisy_copy, tiny_llama
 from trainers.acceptance_head import head_calibration, head_examples, train_acceptance_head
 
@@ -98,11 +98,8 @@ def test_sampled_output_follows_the_target_under_confidence_stopping():
     engine = SpeculativeEngine(target, CharTokenizer(), draft,
                                EngineConfig(gamma=2, length_policy="confidence", confidence_threshold=0.34,
                                             max_gamma=2))
-    counts, lengths = {}, set()
-    for seed in range(1200):
-        out = engine.generate([1, 2], SamplingParams(seed=seed, **params))
-        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
-        lengths |= {len(r.proposed) for r in out.record.rounds}
+    counts, outs = sample_outputs(engine, [1, 2], params, 1200)
+    lengths = {len(r.proposed) for o in outs for r in o.record.rounds}
     assert_distributed_as_target(counts, 1200, target, draft.model, [1, 2], SamplingParams(**params))
     assert lengths == {1, 2}  # stopping really varied the rounds
 

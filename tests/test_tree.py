@@ -15,7 +15,7 @@ from osd.engine import SpeculativeEngine, _Teacher
 from osd.tree_engine import (TreeConfig, TreeDrafter, TreeSpeculativeEngine, TreeStats, choose_budget, draft_forward,
                              monotone_cost, verification_cost)
 from osd.verification import overlap, residual_distribution
-from lossless import assert_distributed_as_target
+from lossless import assert_distributed_as_target, sample_outputs
 from tiny import CharTokenizer, hf_greedy, noisy_copy, tiny_llama, tiny_pair
 
 FLAT = {1: 10.0, 256: 10.0}  # a verification cost curve where every tree size costs the same
@@ -464,12 +464,8 @@ def test_sampled_sequences_follow_the_target(tree, temperature, top_p, top_k):
     prompt = [1, 2]
     params = dict(max_tokens=3, temperature=temperature, top_p=top_p, top_k=top_k)
     engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(record=False), tree, FLAT)
-    counts, accepted, full = {}, 0, 0
-    for seed in range(SAMPLES):
-        out = engine.generate(prompt, SamplingParams(seed=seed, **params))
-        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
-        accepted += out.stats.accepted
-        full += out.stats.accepted == 2
+    counts, outs = sample_outputs(engine, prompt, params, SAMPLES)
+    accepted, full = sum(o.stats.accepted for o in outs), sum(o.stats.accepted == 2 for o in outs)
     assert_distributed_as_target(counts, SAMPLES, target, draft.model, prompt, SamplingParams(**params))
     assert 0 < accepted < 2 * SAMPLES and full > 0, "accept, reject and bonus paths must all be exercised"
 
