@@ -185,6 +185,17 @@ def test_lora_trains_only_adapters_and_exports_merged_live_layout():
     gate = PromotionGate()
     assert gate.evaluate(distiller.candidate(), fresh) == pytest.approx(gate.evaluate(distiller.draft, fresh), abs=1e-5)
 
+def test_a_forced_partial_update_takes_its_share_of_the_steps():
+    engine = make_engine(random_draft())
+    distiller = OnlineDistiller(random_draft(), DistillConfig(update_interval=8, steps_per_update=4,
+                                                              holdout_fraction=0.0))
+    assert distiller.add(records(engine, 3, seed=12)) == []  # fewer than update_interval: waits
+    assert distiller.maybe_update(force=True).steps == 2  # 3 of 8 records: ceil(4 * 3 / 8)
+    distiller.add(records(engine, 1, seed=13))
+    assert distiller.maybe_update(force=True).steps == 1  # never fewer than one
+    assert [r.steps for r in distiller.add(records(engine, 8, seed=14))] == [4]  # a full update: all of them
+
+
 @pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd", "tvd"])
 def test_on_policy_ratio_one_without_on_policy_rows_is_a_finite_no_op(loss):
     plain = make_engine(None)  # no draft: no proposals, so no on-policy rows

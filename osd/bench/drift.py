@@ -299,7 +299,7 @@ def drift_app_config(args: argparse.Namespace, redis_url: str, max_clients: int)
                               update_interval=args.drift_update_interval, freeze_embeddings=True, freeze_head=True),
         num_replicas=1, replica_num_cpus=1.0, replica_torch_threads=args.replica_threads,
         trainer=TrainerSettings(num_cpus=0.5, torch_threads=args.trainer_threads, pause_when_busy=False,
-                                poll_interval_s=0.2, flush_idle_s=5.0),
+                                poll_interval_s=0.2, flush_idle_s=60.0),  # full updates of 8 at ~4 requests a minute
     )
 
 
