@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from osd.models import DraftModel
 from osd.records import TrainingRecord
 from osd.stopping import AcceptanceHead
-from trainers.distiller import collate
+from trainers.distiller import collate, student_hidden
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,8 @@ def head_examples(draft: DraftModel, records: Sequence[TrainingRecord], greedy: 
             batch = collate(records[i : i + batch_size], max_seq_len, device)
             if batch is None:
                 continue
-            hidden = draft.model.get_decoder()(input_ids=batch.input_ids,
-                                               attention_mask=batch.attention_mask).last_hidden_state
-            hidden = hidden[batch.row_batch, batch.row_pos]  # [N, H]
-            probs = draft.model.get_output_embeddings()(hidden).float().softmax(-1)  # [N, V]
+            hidden = student_hidden(draft, batch)  # [N, H]
+            probs = draft.logits_from_hidden(hidden).softmax(-1)  # [N, V] q as served, shortlist included
             tokens = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
             parts.append((hidden.float(), probs, tokens, _labels(batch.teacher_ids, batch.teacher_logprobs,
                                                                  probs, tokens, greedy)))

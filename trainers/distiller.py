@@ -101,6 +101,13 @@ def collate(records: Sequence[TrainingRecord], max_seq_len: int, device: str | t
                  cat(pol))
 
 
+def student_hidden(draft: DraftModel, batch: Batch) -> Tensor:
+    """The draft's final-norm hidden states [N, H] at the batch's teacher rows."""
+    # A LoRA draft's linears are adapted in place, so this runs the adapters too.
+    hidden = draft.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    return hidden[batch.row_batch, batch.row_pos]
+
+
 def student_logits(draft: DraftModel, batch: Batch, use_shortlist: bool = True) -> Tensor:
     """The draft's logits [N, V] (fp32) at the batch's teacher rows.
 
@@ -113,9 +120,8 @@ def student_logits(draft: DraftModel, batch: Batch, use_shortlist: bool = True) 
     most of them, and a 49152-row head is most of a small draft's cost). A shortlist
     draft gets -inf outside its shortlist, exactly as DraftModel.forward serves it.
     """
-    hf = draft.model  # a LoRA draft's linears are adapted in place, so this runs the adapters too
-    hidden = hf.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    hidden = hidden[batch.row_batch, batch.row_pos]  # [N, H]
+    hf = draft.model
+    hidden = student_hidden(draft, batch)  # [N, H]
     head = hf.get_output_embeddings()
     if draft.shortlist is None or not use_shortlist:
         return head(hidden).float()
