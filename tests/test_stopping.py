@@ -7,10 +7,9 @@ import torch
 from pydantic import ValidationError
 
 from osd.config import EngineConfig, SamplingParams
-from osd.drafting import Drafter
 from osd.engine import SpeculativeEngine
 from osd.models import DraftModel
-from osd.stopping import AcceptanceHead, ConfidenceStop, HeadStop, LengthPolicy, ScheduleLength, make_length_policy
+from osd.stopping import AcceptanceHead, LengthPolicy, ScheduleLength, make_length_policy
 from lossless import assert_distributed_as_target, sample_outputs
 from tiny import CharTokenizer, hf_greedy, noisy_copy, tiny_llama
 from trainers.acceptance_head import head_calibration, head_examples, train_acceptance_head
@@ -76,19 +75,21 @@ def test_confidence_threshold_sets_the_round_length():
     assert set(lengths[: len(lengths) // 2]) == {8}  # the last rounds are cut by max_tokens
 
 
-def test_stopping_never_sees_the_target():
-    """Two different targets, same committed tokens: the drafter proposes the same tokens and
-    the same number of them. Only the draft's own state decides (the rule is lossless by
-    construction; the target's verdicts reach a policy only through observe, after verifying)."""
+@pytest.mark.parametrize("policy", ["schedule", "confidence", "head"])
+def test_stopping_never_sees_the_target(policy):
+    """The same draft and prompt under two different targets: the first round (nothing verified
+    yet) proposes the same tokens, as many of them. Only the draft's own state decides; the
+    target's verdicts reach a policy only through observe, after verifying."""
     draft = noisy_copy(tiny_llama(V, 2, seed=0, sharpness=4.0), noise=0.6)
-    head = AcceptanceHead(draft.config.hidden_size)
-    tokens = [3, 1, 4, 1, 5]
-    for policy in (ConfidenceStop(0.5), HeadStop(head, 0.5), ScheduleLength(3)):
-        proposals = []
-        for _target_seed in (0, 1):  # the drafter is never handed a target: it cannot look
-            drafter = Drafter(draft, policy)
-            proposals.append(drafter.propose(tokens, 8, SamplingParams(), None).tokens.tolist())
-        assert proposals[0] == proposals[1]
+    draft.acceptance_head = AcceptanceHead(draft.config.hidden_size)
+    config = EngineConfig(gamma=3, length_policy=policy, max_gamma=8, confidence_threshold=0.09, head_threshold=0.5)
+    first_rounds = []
+    for target_seed in (0, 5):
+        engine = SpeculativeEngine(tiny_llama(V, 2, seed=target_seed, sharpness=4.0), CharTokenizer(), draft, config)
+        out = engine.generate([3, 1, 4, 1, 5], SamplingParams(max_tokens=12))
+        first_rounds.append(out.record.rounds[0].proposed)
+    assert first_rounds[0] == first_rounds[1]
+    assert 1 <= len(first_rounds[0]) <= 8
 
 
 def test_sampled_output_follows_the_target_under_confidence_stopping():
