@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from osd.serving import COUNTERS, HISTOGRAMS, REQUEST_LABELS
-from osd.buffer import BufferStats
-from osd.recorder import RecorderStats
+from osd.data.buffer import BufferStats
+from osd.data.recorder import RecorderStats
+from osd.serving.metrics import COUNTERS, HISTOGRAMS, REQUEST_LABELS
 from trainers.distiller import UpdateResult
 from trainers.gate import GateDecision
 

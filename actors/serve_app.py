@@ -4,8 +4,8 @@ Deploy with ``serve deploy`` / ``serve run`` and import path ``actors.serve_app:
 the application's ``args`` are an :class:`actors.config.OsdAppConfig` dict. From Python,
 :func:`deploy` does the same and waits (bounded) until the application is RUNNING.
 
-- ``OsdServer`` (ingress, ``num_replicas``): one ``osd.serving.ServingCore`` per replica,
-  served by ``osd.http.build_app``. The FastAPI app wraps the replica's own core, so it is
+- ``OsdServer`` (ingress, ``num_replicas``): one ``osd.serving.core.ServingCore`` per replica,
+  served by ``osd.serving.http.build_app``. The FastAPI app wraps the replica's own core, so it is
   built per replica after ``__init__``: ``@serve.ingress()`` without an app plus
   ``__serve_build_asgi_app__`` (the late-bound ingress of Ray 2.60). Drafts: the replica loads
   the registry's live versions at start (so a replica that starts later catches up by
@@ -32,14 +32,14 @@ from ray.serve.handle import DeploymentHandle
 from actors.config import OsdAppConfig
 from actors.ray_metrics import RayServingMetrics
 from actors.trainer import start_trainer
-from osd.adapters import AdapterSpec, SharedBaseDrafts
-from osd.buffer import RecordBuffer
-from osd.engine import build_engine
-from osd.http import build_app
-from osd.recorder import Recorder
+from osd.data.buffer import RecordBuffer
+from osd.data.recorder import Recorder
+from osd.decoding.engine import build_engine
+from osd.models.adapters import AdapterSpec, SharedBaseDrafts
 from osd.registry import DraftRegistry, RegistryError
 from osd.router import Router, template_affixes
-from osd.serving import DEFAULT_CLUSTER, ServingCore, ServingError
+from osd.serving.core import DEFAULT_CLUSTER, ServingCore, ServingError
+from osd.serving.http import build_app
 
 log = logging.getLogger(__name__)
 

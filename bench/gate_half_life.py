@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from osd.bench.distill import load_records
+from bench.distill import load_records
 from osd.config import EngineConfig, ModelConfig
-from osd.data import load_questions
-from osd.engine import build_engine
-from osd.models import DraftModel, build_self_draft
+from osd.data.workloads import load_questions
+from osd.decoding.engine import build_engine
+from osd.models.drafts import DraftModel, build_self_draft
 from trainers.config import DistillConfig
 from trainers.distiller import OnlineDistiller
 from trainers.gate import PromotionGate

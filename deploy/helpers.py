@@ -226,7 +226,7 @@ def prepare_models(rendered: Path) -> None:
     cache = Path(os.environ.get("OSD_CACHE_DIR") or Path.home() / ".cache" / "osd")
     if (cache / "smollm2-135m-instruct" / "config.json").exists():
         return
-    from osd.models import resolve_model_path
+    from osd.models.loading import resolve_model_path
 
     print(f"Models: converting the packaged SmolLM2 into {cache} (once)", file=sys.stderr)
     resolve_model_path("smollm2")
@@ -330,7 +330,7 @@ def main(argv: list[str]) -> None:
     elif a.cmd == "port-free":
         sys.exit(0 if port_free(a.host, a.port) else 1)
     elif a.cmd == "redis-server-bin":
-        from osd.redis_server import EmbeddedRedisError, redis_server_executable
+        from osd.data.redis_server import EmbeddedRedisError, redis_server_executable
         try:
             print(redis_server_executable())
         except EmbeddedRedisError as e:

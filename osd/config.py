@@ -97,7 +97,7 @@ class EngineConfig(_Strict):
     teacher_top_k: int = Field(64, ge=1, le=4096, description="Target log-probs kept per position in training records.")
     record: bool = Field(True, description="Build a training record for every request.")
     length_policy: Literal["fixed", "schedule", "confidence", "head"] = Field(
-        "fixed", description="How many tokens a round drafts (osd/stopping.py): 'fixed' γ, HF's +2/-1 'schedule' "
+        "fixed", description="How many tokens a round drafts (osd/decoding/stopping.py): 'fixed' γ, HF's +2/-1 'schedule' "
                              "from γ, stop below a draft 'confidence', or SpecDec++'s acceptance 'head'.")
     max_gamma: int = Field(8, ge=1, le=64, description="Most tokens an adaptive length policy drafts in one round.")
     confidence_threshold: float = Field(
@@ -106,7 +106,7 @@ class EngineConfig(_Strict):
         0.7, gt=0.0, lt=1.0, description="'head': stop once the predicted chance that some token of the round is "
                                          "rejected exceeds this.")
     tree: TreeConfig | None = Field(
-        None, description="Draft a token tree per round instead of a chain (osd/tree_engine.py); None = a chain.")
+        None, description="Draft a token tree per round instead of a chain (osd/decoding/tree_engine.py); None = a chain.")
 
     @model_validator(mode="after")
     def _cap_covers_gamma(self) -> "EngineConfig":

@@ -41,7 +41,7 @@ from safetensors.torch import save as st_save
 MANIFEST_SCHEMA_VERSION = 1
 
 # Cluster names become path components and Redis key segments: keep them boring.
-_CLUSTER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+CLUSTER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 # A Redis string value cannot exceed 512 MiB.
 _REDIS_MAX_VALUE = 512 * 1024 * 1024
@@ -106,7 +106,7 @@ class RegistryConfig(BaseModel):
             raise ValueError("registry backend 'file' needs `path` (a directory for the draft versions)")
         if self.backend == "redis" and not self.redis_url:
             raise ValueError(
-                "registry backend 'redis' needs `redis_url`; start osd.redis_server.EmbeddedRedis and pass its .url"
+                "registry backend 'redis' needs `redis_url`; start osd.data.redis_server.EmbeddedRedis and pass its .url"
             )
         return self
 
@@ -222,7 +222,7 @@ class FileStore:
 
     def clusters(self) -> list[str]:
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and _CLUSTER_RE.match(p.name) and self.versions(p.name)
+            p.name for p in self.root.iterdir() if p.is_dir() and CLUSTER_RE.match(p.name) and self.versions(p.name)
         )
 
     def _read_live(self, cluster: str) -> dict:
@@ -322,11 +322,11 @@ def tensor_specs(state_dict: Mapping[str, torch.Tensor]) -> TensorSpecs:
     return {k: (list(t.shape), _dtype_name(t.dtype)) for k, t in state_dict.items()}
 
 
-def _normalize_specs(specs: Mapping[str, tuple[Sequence[int], torch.dtype | str]]) -> TensorSpecs:
+def normalize_specs(specs: Mapping[str, tuple[Sequence[int], torch.dtype | str]]) -> TensorSpecs:
     return {k: ([int(s) for s in shape], _dtype_name(dtype)) for k, (shape, dtype) in specs.items()}
 
 
-def _spec_diff(got: TensorSpecs, want: TensorSpecs, limit: int = 5) -> list[str]:
+def spec_diff(got: TensorSpecs, want: TensorSpecs, limit: int = 5) -> list[str]:
     """Human-readable differences between two spec dicts (empty when they match)."""
     problems = []
     if missing := sorted(want.keys() - got.keys()):
@@ -366,7 +366,7 @@ def _saveable(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _check_cluster(cluster: str) -> str:
-    if not _CLUSTER_RE.match(cluster):
+    if not CLUSTER_RE.match(cluster):
         raise ValueError(
             f"invalid cluster name {cluster!r}: use 1-128 characters from [A-Za-z0-9_.-], not starting with '.' or '-'"
         )
@@ -547,7 +547,7 @@ class DraftRegistry:
             state_dict = st_load(weights)
         except Exception as e:  # safetensors raises its own SafetensorError
             raise CorruptDraftError(f"{where}: weights are not readable safetensors ({e}); republish it") from e
-        if problems := _spec_diff(tensor_specs(state_dict), _normalize_specs(manifest.tensors)):
+        if problems := spec_diff(tensor_specs(state_dict), normalize_specs(manifest.tensors)):
             raise CorruptDraftError(f"{where}: tensors disagree with the manifest: {'; '.join(problems)}")
         return manifest, state_dict
 
@@ -563,9 +563,9 @@ class DraftRegistry:
         DraftMismatchError (names/shapes/dtypes differ) or CorruptDraftError; either way
         the caller should keep its live draft.
         """
-        want = _normalize_specs(reference_shapes)
+        want = normalize_specs(reference_shapes)
         # Check the manifest first: a mismatched draft is refused without reading its bytes.
-        if problems := _spec_diff(_normalize_specs(self.manifest(cluster, version).tensors), want):
+        if problems := spec_diff(normalize_specs(self.manifest(cluster, version).tensors), want):
             raise DraftMismatchError(
                 f"draft cluster {cluster!r} v{version} does not fit the serving model: {'; '.join(problems)}. "
                 "Keep the live draft; was it built for another target or draft construction?"

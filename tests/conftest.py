@@ -2,8 +2,7 @@ import os
 
 import pytest
 import torch
-
-from redis_fixtures import *  # noqa: F401,F403
+from support.redis_fixtures import *  # noqa: F401,F403
 
 # Tiny models gain nothing from threads, and OpenMP spinning on a shared 2-core
 # machine made them ~8x slower; SmolLM2 tests ask for more threads themselves.
@@ -13,7 +12,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def smollm2():
     """The packaged SmolLM2 target, its tokenizer and the default 2-layer self-draft, as `make run` loads them."""
-    from osd.engine import build_engine
+    from osd.decoding.engine import build_engine
 
     engine = build_engine()
     return engine.target, engine.tokenizer, engine.draft

@@ -21,6 +21,7 @@ from osd.registry import (
     tensor_specs,
 )
 
+
 def small_state_dict(seed: int = 0, shape: tuple[int, ...] = (4, 8)) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {

@@ -15,8 +15,15 @@ import redis
 import torch
 from pydantic import ValidationError
 
-from osd.router import (DISABLED_CLUSTER, FeatureExtractor, Router, RouterConfig, purity, strip_template,
-                        template_affixes)
+from osd.router import (
+    DISABLED_CLUSTER,
+    FeatureExtractor,
+    Router,
+    RouterConfig,
+    purity,
+    strip_template,
+    template_affixes,
+)
 
 VOCAB, DIM, KINDS = 512, 32, 4
 
@@ -311,8 +318,8 @@ def smollm2_spec_bench():
     """(embeddings [V, d], template, prompt ids by question, categories): reads only the embedding matrix."""
     from safetensors import safe_open
 
-    from osd.data import chat_prompt_ids, load_questions
-    from osd.models import load_tokenizer, resolve_model_path
+    from osd.data.workloads import chat_prompt_ids, load_questions
+    from osd.models.loading import load_tokenizer, resolve_model_path
 
     path = resolve_model_path("smollm2")
     with safe_open(f"{path}/model.safetensors", "pt") as f:
@@ -333,7 +340,7 @@ def _shuffled_purity(router: Router, prompts, labels, kinds, seed) -> float:
 def test_template_affixes_of_smollm2(smollm2_spec_bench):
     _, (prefix, suffix), _, _, tokenizer = smollm2_spec_bench
     assert (len(prefix), len(suffix)) == (24, 6)
-    from osd.data import chat_prompt_ids
+    from osd.data.workloads import chat_prompt_ids
     text = "Translate German to English: Guten Morgen"
     assert strip_template(chat_prompt_ids(tokenizer, text), (prefix, suffix)) == tokenizer.encode(text)
 

@@ -6,7 +6,7 @@ its top-1 under greedy decoding, a sample from q under sampling — and the labe
 chance the target accepts x there:
   greedy   1[x = the target's top-1]                     (greedy verification)
   sampled  min(1, p(x) / q(x)), p from the stored top-k  (rejection sampling; 0 outside it)
-The head (osd.stopping.AcceptanceHead) learns p̂(accept) from the draft's state alone, so
+The head (osd.decoding.stopping.AcceptanceHead) learns p̂(accept) from the draft's state alone, so
 it can stop a chain before the target sees it. Labels need the target's rows, which only
 committed positions have; that is all a live head ever needs.
 """
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from osd.models import DraftModel
-from osd.records import TrainingRecord
-from osd.stopping import AcceptanceHead
+from osd.data.records import TrainingRecord
+from osd.decoding.stopping import AcceptanceHead
+from osd.models.drafts import DraftModel
 from trainers.distiller import collate, student_hidden
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from osd.registry import CLUSTER_RE
 from trainers.losses import LOSSES
 
 LossName = Literal["fkl", "rkl", "jsd", "tvd"]
@@ -107,3 +108,34 @@ class DistillConfig(BaseModel):
             raise ValueError("lora_targets must be 'all-linear' or a non-empty list of module names")
         return v
 
+
+class TrainerSettings(BaseModel):
+    """Where the trainer actor runs and when it trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run the trainer actor (online distillation) beside the replicas.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved for the trainer actor; fractional is fine.")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved for the trainer actor; set distill.device='cuda' to use them.")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads in the trainer (Ray sets OMP_NUM_THREADS from num_cpus; this wins).")
+    poll_interval_s: float = Field(0.5, gt=0, le=60, description="How long one buffer read blocks, and how long a busy or paused trainer sleeps between load checks.")
+    read_count: int = Field(16, ge=1, le=4096, description="Records read from the buffer per read.")
+    pause_when_busy: bool = Field(True, description="Pause training while serving is busy (see busy_threshold).")
+    busy_threshold: int = Field(1, ge=1, description="Serving is busy while running + waiting requests summed over all replicas >= this.")
+    max_pause_s: float | None = Field(60.0, gt=0, description="Train anyway after pausing this long in a row (a starvation guard under steady traffic); None pauses as long as serving is busy.")
+    load_timeout_s: float = Field(2.0, gt=0, le=60, description="Bound on asking the replicas for their load; on failure the trainer assumes serving is idle.")
+    flush_idle_s: float | None = Field(10.0, gt=0, description="With no new record for this long, train on the records waiting (fewer than distill.update_interval) so they are acked; None waits for a full update.")
+    reclaim_interval_s: float = Field(30.0, gt=0, description="How often to XAUTOCLAIM entries other (dead) trainers left pending longer than buffer.claim_idle_ms.")
+    consumer: str | None = Field(None, description="Consumer name in the buffer's group when the trainer has one fixed cluster; None = 'trainer-<cluster>' (always so with several). Stable, so a restarted trainer re-reads its own pending entries.")
+    clusters: list[str] | None = Field(None, description="Query clusters to distil; None = every cluster that has records in the buffer, picked up as it appears (checked every discovery_interval_s).")
+    max_clusters: int = Field(8, ge=1, le=1024, description="Cluster trainers held at once (each keeps a draft copy and optimizer state); past it the least recently trained one is closed, its unacked records stay pending in Redis for its return.")
+    discovery_interval_s: float = Field(5.0, gt=0, description="How often the trainer looks for new clusters' buffer streams.")
+
+
+    @field_validator("clusters")
+    @classmethod
+    def _cluster_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not CLUSTER_RE.match(name):
+                raise ValueError(f"invalid cluster name {name!r}: use 1-128 characters from [A-Za-z0-9_.-]")
+        return v

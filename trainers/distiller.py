@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from osd.models import ACCEPTANCE_HEAD_PREFIX, DraftModel
-from osd.records import TrainingRecord
+from osd.data.records import TrainingRecord
+from osd.models.drafts import ACCEPTANCE_HEAD_PREFIX, DraftModel
 from trainers.config import DistillConfig
 from trainers.losses import distillation_loss
 
@@ -158,7 +158,10 @@ class OnlineDistiller:
         hf = copy.deepcopy(draft.model).to(cfg.device)
         self._peft = None
         if cfg.mode == "lora":
-            from peft import LoraConfig, get_peft_model  # local: full mode must not need peft
+            from peft import (  # local: full mode must not need peft
+                LoraConfig,
+                get_peft_model,
+            )
 
             # get_peft_model adapts `hf`'s linears in place and freezes everything else.
             self._peft = get_peft_model(hf, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -181,7 +184,7 @@ class OnlineDistiller:
         self._generator = torch.Generator().manual_seed(cfg.seed)
         self.records_seen = 0
         self.updates = 0
-        self.acceptance_head = None  # osd.stopping.AcceptanceHead once config.acceptance_head is on and it trained
+        self.acceptance_head = None  # osd.decoding.stopping.AcceptanceHead once config.acceptance_head is on and it trained
         self.duplicates = 0
 
     def _freeze(self, hf: nn.Module) -> None:
@@ -286,7 +289,9 @@ class OnlineDistiller:
 
     def _train_acceptance_head(self, records: list[TrainingRecord]) -> None:
         """Refit SpecDec++'s head to the draft as it now is, warm-started, on the records just trained on."""
-        from trainers.acceptance_head import train_acceptance_head  # it builds on this module
+        from trainers.acceptance_head import (
+            train_acceptance_head,  # it builds on this module
+        )
 
         self.acceptance_head = train_acceptance_head(
             self.draft, records, greedy=self.config.acceptance_head == "greedy", head=self.acceptance_head,
@@ -343,9 +348,9 @@ class OnlineDistiller:
         return state
 
     def export_adapter_state_dict(self) -> dict[str, Tensor]:
-        """mode='lora' only: just the LoRA tensors, for shared-base replicas (``osd.adapters.SharedBaseDrafts.add``).
+        """mode='lora' only: just the LoRA tensors, for shared-base replicas (``osd.models.adapters.SharedBaseDrafts.add``).
 
-        Names as ``osd.adapters.adapter_state_dict`` (no peft adapter name); CPU copies in
+        Names as ``osd.models.adapters.adapter_state_dict`` (no peft adapter name); CPU copies in
         the draft's dtype (peft may keep fp16/bf16 adapters in fp32 while training). Publish
         with ``meta=AdapterSpec.from_distill_config(config).to_meta()``. Only valid against
         the base this distiller started from: the adapters are a delta on it.
@@ -353,10 +358,27 @@ class OnlineDistiller:
         if self._peft is None:
             raise ValueError("export_adapter_state_dict needs DistillConfig(mode='lora'): in mode='full' there is no "
                              "adapter, only whole weights; publish export_state_dict() instead")
-        from osd.adapters import adapter_state_dict  # local: full mode must not need peft
+        from osd.models.adapters import (
+            adapter_state_dict,  # local: full mode must not need peft
+        )
 
         dtype = self._peft.get_base_model().get_input_embeddings().weight.dtype  # base weights keep the draft dtype
         return {k: v.detach().to("cpu", dtype, copy=True) for k, v in adapter_state_dict(self._peft).items()}
+
+    @property
+    def trainable_parameters(self) -> int:
+        """How many parameters the optimizer updates."""
+        return sum(p.numel() for p in self._params)
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor]) -> None:
+        """mode='lora' only: continue training from a published adapter (names as export_adapter_state_dict)."""
+        if self._peft is None:
+            raise ValueError("load_adapter_state_dict needs DistillConfig(mode='lora')")
+        from osd.models.adapters import (
+            load_adapter_state_dict,  # local: full mode must not need peft
+        )
+
+        load_adapter_state_dict(self._peft, state)
 
     def candidate(self) -> DraftModel:
         """A plain, eval-mode DraftModel with the current weights, independent of further training."""

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from osd.models import DraftModel
-from osd.records import TrainingRecord
+from osd.data.records import TrainingRecord
+from osd.models.drafts import DraftModel
 from trainers.distiller import collate, has_rows, student_logits
 from trainers.losses import estimated_acceptance
 

@@ -1,0 +1,528 @@
+"""Token-tree speculative decoding: draft a tree, verify it in one target forward.
+
+Same models, tokenizer, sampling and outputs as `SpeculativeEngine` (a `Generation` with
+stats and a training record); the round differs. Build it from a chain engine with
+`TreeSpeculativeEngine.from_engine(engine, TreeConfig(...))`.
+
+A round:
+  1. Draft (TreeDrafter): catch the draft's cache up on the committed tokens (one
+     forward that also gives q at the root), then one batched draft forward per depth
+     over that depth's expanded nodes, with a tree mask over the draft's own cache.
+     Static trees expand every node with fixed branching per depth; dynamic trees
+     (DySpec / EAGLE-2) expand the top-k nodes by estimated path probability (the product
+     of draft probabilities along the path), give each one top-k children, and keep the
+     best `budget` nodes. The budget is chosen per round from the measured verification
+     cost curve (`choose_budget`); growth stops early when one more draft forward cannot
+     pay for itself. The draft cache is cropped back
+     to the committed tokens after the round.
+  2. Verify: one target forward over all tree nodes with the 4-D additive tree mask and
+     `position_ids = L + depth`, then the lossless tree rule of osd/decoding/tree.py.
+  3. Commit: the accepted path's KV entries are gathered into place after the committed
+     prefix and the rest is cropped, so between rounds the target cache holds every
+     committed token but the pending one, exactly as in the chain engine (asserted).
+
+Losslessness under sampling (`sampled_children`):
+  - "draw" (default): children are drawn from q without replacement and verified by
+    recursive rejection sampling with q renormalised after each rejected sibling. A
+    child's existence must not depend on its own token (osd/decoding/tree.py), so static trees fix
+    the branching, and dynamic trees score child *slots* by the parent's score times q's
+    j-th largest probability (not the drawn token's) and cut each depth's slots before
+    drawing; nothing is removed afterwards.
+  - "top": q's top-k tokens, verified as point masses (sample from p, descend if the
+    sample is a child). Any tree built from draft information alone is lossless this way,
+    so dynamic trees get EAGLE-2's global rerank. Greedy decoding always uses top-k
+    children and follows the target's argmax down the tree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from osd.config import EngineConfig, SamplingParams, TreeConfig
+from osd.data.records import DraftRound
+from osd.decoding.cost import (
+    best_rate,
+    choose_budget,
+    measure_verification_cost,
+    verification_cost,
+)
+from osd.decoding.drafting import crop_cache
+from osd.decoding.engine import SpecStats, SpeculativeEngine, Teacher
+from osd.decoding.sampling import warp_probs
+from osd.decoding.tree import (
+    TokenTree,
+    TreeVerdict,
+    optimal_acceptance_bounds,
+    tree_attention_mask,
+    tree_position_ids,
+    verify_tree_greedy,
+    verify_tree_sampled,
+)
+from osd.decoding.verification import overlap
+from osd.models.drafts import DraftModel
+
+TREE_ATTENTION = ("sdpa", "eager")  # implementations that honour a custom 4-D additive mask
+
+
+@dataclass
+class TreeStats(SpecStats):
+    """SpecStats plus the tree's own accounting. `proposed` counts tree nodes (root excluded).
+
+    node_trials / node_accepts: verified nodes with children (on the accepted path) and how
+    many of them accepted a child; their ratio is the achieved per-node acceptance, which
+    α* (the multi-draft bound for the same nodes) caps in expectation.
+    elapsed_s excludes analysis_s (the α* computation, which serving would not run).
+    """
+
+    node_trials: int = 0
+    node_accepts: int = 0
+    alpha_star_sum: float = 0.0  # Σ α* (the upper end of optimal_acceptance_bounds: exact unless q's tail is cut)
+    alpha_star_low_sum: float = 0.0  # Σ of the lower ends; equal to alpha_star_sum when every α* was exact
+    alpha_star_count: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    budgets: list[int] = field(default_factory=list)  # tree size (root excluded) of every round
+
+    @property
+    def node_acceptance(self) -> float | None:
+        return self.node_accepts / self.node_trials if self.node_trials else None
+
+    @property
+    def alpha_star(self) -> float | None:
+        return self.alpha_star_sum / self.alpha_star_count if self.alpha_star_count else None
+
+    @property
+    def alpha_star_low(self) -> float | None:
+        return self.alpha_star_low_sum / self.alpha_star_count if self.alpha_star_count else None
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.output_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "node_trials": self.node_trials, "node_accepts": self.node_accepts,
+                "node_acceptance": self.node_acceptance, "alpha_star": self.alpha_star,
+                "alpha_star_low": self.alpha_star_low,
+                "tokens_per_target_forward": self.tokens_per_target_forward, "draft_s": self.draft_s,
+                "verify_s": self.verify_s, "analysis_s": self.analysis_s,
+                "mean_tree_nodes": sum(self.budgets) / len(self.budgets) if self.budgets else 0.0}
+
+
+class AcceptanceCalibration:
+    """P(a child is accepted | its parent is reached), as a function of the draft's probability for it.
+
+    Path probabilities are the draft's own guess at acceptance; a draft that spreads its mass
+    (or an overconfident one) misjudges it, and with it the budget. This learns the map from
+    verification outcomes — binned by q, starting from "q is calibrated" with a weight of
+    `prior` observations per bin, halving old counts past `cap` so it follows a changing draft.
+    It only ever looks at past rounds, so trees stay lossless.
+    """
+
+    EDGES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __init__(self, prior: float = 4.0, cap: float = 1000.0):
+        self.edges = torch.tensor(self.EDGES, dtype=torch.float64)
+        self.mid = (self.edges[1:] + self.edges[:-1]) / 2  # [B]
+        self.hits = torch.zeros(len(self.mid), dtype=torch.float64)
+        self.count = torch.zeros(len(self.mid), dtype=torch.float64)
+        self.prior, self.cap = prior, cap
+
+    def _bins(self, q: torch.Tensor) -> torch.Tensor:
+        return (torch.bucketize(q.double().cpu(), self.edges[1:-1], right=True)).clamp(max=len(self.mid) - 1)
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        """q: [m] draft probabilities → [m] fp64 estimated acceptance probabilities in [0, 1]."""
+        b = self._bins(q)
+        return (self.hits[b] + self.prior * self.mid[b]) / (self.count[b] + self.prior)
+
+    def update(self, q: torch.Tensor, accepted: torch.Tensor) -> None:
+        """q: [m] draft probabilities of tried children, accepted: [m] bool."""
+        b = self._bins(q)
+        self.hits.index_add_(0, b, accepted.double().cpu())
+        self.count.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
+        full = self.count > self.cap
+        self.hits[full] /= 2
+        self.count[full] /= 2
+
+
+# ---- drafting -------------------------------------------------------------------------------------
+
+
+def draft_forward(draft: DraftModel, ids: torch.Tensor, cache: DynamicCache, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None, keep: int = 0) -> torch.Tensor:
+    """ids: [1, s] → fp32 logits [s or keep, V]: DraftModel.forward plus a mask and positions (same shortlist rule)."""
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+    if draft.shortlist is None:
+        return draft.model(input_ids=ids, logits_to_keep=keep, **kwargs).logits[0].float()
+    hidden = draft.model.model(input_ids=ids, **kwargs).last_hidden_state[0, -keep:]  # [s or keep, H]
+    return draft.logits_from_hidden(hidden)  # the one place the "q = 0 outside the shortlist" rule lives
+
+
+def _draw_children(q: torch.Tensor, m: int, drawn: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """q: [V] → up to m child tokens [≤ m] in draw order (never a token with q = 0).
+
+    drawn: the first m draws without replacement (Gumbel-top-k: the order of log q + Gumbel
+    noise is the sequential draw order); else q's top m tokens.
+    """
+    m = min(m, int((q > 0).sum()))
+    if not drawn:
+        return torch.topk(q, m).indices
+    u = torch.rand(q.shape, generator=generator, device=q.device).clamp(min=torch.finfo(q.dtype).tiny)
+    keys = torch.where(q > 0, q.log() - (-u.log()).log(), torch.full_like(q, float("-inf")))
+    return torch.topk(keys, m).indices
+
+
+class TreeDrafter:
+    """One request's draft cache and tree growth. Between rounds the cache holds committed tokens only."""
+
+    def __init__(self, draft: DraftModel, config: TreeConfig, cost_curve: Mapping[int, float] | None = None,
+                 calibration: AcceptanceCalibration | None = None):
+        self.draft = draft
+        self.config = config
+        self.cost_curve = cost_curve
+        self.calibration = calibration
+        self.cache = DynamicCache(config=draft.config)
+        self.device = next(draft.parameters()).device
+
+    @property
+    def cached(self) -> int:
+        return self.cache.get_seq_length()
+
+    def rollback(self, committed: int) -> None:
+        """Drop the tree nodes: keep cache entries for the `committed` tokens known before the round."""
+        crop_cache(self.cache, min(self.cached, committed))
+        assert self.cached <= committed, "draft cache holds uncommitted tokens"
+
+    @torch.inference_mode()
+    def build(self, tokens: list[int], params: SamplingParams, generator: torch.Generator | None,
+              max_depth: int) -> tuple[TokenTree, float]:
+        """tokens: every committed token (the last is the root) → (tree, drafting ms)."""
+        start = time.perf_counter()
+        self._tokens, self._parents, self._depths, self._scores = [tokens[-1]], [-1], [0], [1.0]
+        self._q: dict[int, torch.Tensor] = {}
+        self._slot = {0: len(tokens) - 1}
+        self._committed = len(tokens)
+        self._params, self._generator = params, generator
+        feed = torch.tensor([tokens[self.cached:]], device=self.device)
+        self._q[0] = self._dist(draft_forward(self.draft, feed, self.cache, keep=1))[0]
+        self._step_ms = (time.perf_counter() - start) * 1000
+        if self.config.shape == "static":
+            keep = self._grow_static(max_depth)
+        else:
+            keep = self._grow_dynamic(max_depth, start)
+        draft_ms = (time.perf_counter() - start) * 1000
+        return self._tree(keep), draft_ms
+
+    def _dist(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [N, V] → q [N, V]: warped like p under sampling; the temperature-1 softmax under greedy."""
+        return logits.softmax(-1) if self._params.greedy else warp_probs(logits, self._params)
+
+    def _drawn(self) -> bool:
+        return not self._params.greedy and self.config.sampled_children == "draw"
+
+    def _add(self, parent: int, token: int, score: float) -> int:
+        self._tokens.append(token)
+        self._parents.append(parent)
+        self._depths.append(self._depths[parent] + 1)
+        self._scores.append(score)
+        return len(self._tokens) - 1
+
+    def _expand(self, nodes: list[int]) -> None:
+        """One batched draft forward over `nodes` (all at one depth, ancestors already fed) → their q."""
+        t0 = time.perf_counter()
+        cached = self.cached
+        allowed = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool, device=self.device)
+        allowed[:, : self._committed] = True  # the committed past, root included
+        for row, node in enumerate(nodes):
+            parent = self._parents[node]
+            while parent > 0:
+                allowed[row, self._slot[parent]] = True
+                parent = self._parents[parent]
+            allowed[row, cached + row] = True
+            self._slot[node] = cached + row
+        dtype = self.draft.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        ids = torch.tensor([[self._tokens[n] for n in nodes]], device=self.device)
+        positions = torch.tensor([[self._committed - 1 + self._depths[n] for n in nodes]], device=self.device)
+        q = self._dist(draft_forward(self.draft, ids, self.cache, mask[None, None], positions))  # [len(nodes), V]
+        for row, node in enumerate(nodes):
+            self._q[node] = q[row]
+        self._step_ms = (time.perf_counter() - t0) * 1000
+
+    def _slot_values(self, node: int, m: int) -> list[float]:
+        """Scores of `node`'s first m child slots: its score times the j-th largest q (calibrated).
+
+        For top-k children that is the child's own (estimated) path probability; for drawn
+        children it is a proxy that does not look at the drawn token, which keeps slot
+        selection lossless.
+        """
+        q = self._q[node]
+        top = torch.topk(q, min(m, int((q > 0).sum()))).values
+        accept = self.calibration(top) if self.calibration is not None else top.double()
+        return [self._scores[node] * v for v in accept.tolist()]
+
+    def _children(self, node: int, m: int, drawn: bool) -> list[int]:
+        picked = _draw_children(self._q[node], m, drawn, self._generator).tolist()
+        return [self._add(node, t, v) for t, v in zip(picked, self._slot_values(node, len(picked)))]
+
+    def _grow_static(self, max_depth: int) -> list[int]:
+        frontier, drawn = [0], self._drawn()
+        for depth, branching in enumerate(self.config.branching[:max_depth]):
+            if depth > 0:
+                self._expand(frontier)
+            frontier = [c for node in frontier for c in self._children(node, branching, drawn)]
+        return list(range(len(self._tokens)))
+
+    def _grow_dynamic(self, max_depth: int, start: float) -> list[int]:
+        """EAGLE-2-style growth: per depth, expand the top-k frontier, give each its top-k child slots.
+
+        Deterministic children: every slot becomes a candidate; the best `budget` candidates
+        overall are kept at the end. Drawn children: a slot's existence must not depend on the
+        token drawn into it, so each depth's slots are cut *before* drawing (by slot value,
+        with the cost curve deciding how many pay off) and nothing is removed afterwards.
+        """
+        cfg, curve, drawn = self.config, self.cost_curve, self._drawn()
+        frontier = [0]
+        for depth in range(max_depth):
+            if depth > 0:
+                if cfg.budget is None and curve is not None and not self._worth_deeper(frontier, start):
+                    break
+                if cfg.budget is not None and self._budget_full(frontier):
+                    break
+                self._expand(frontier)
+            slots = sorted(((v, f, j) for f in frontier for j, v in enumerate(self._slot_values(f, cfg.top_k))),
+                           key=lambda s: (-s[0], s[1], s[2]))
+            if drawn:
+                # A child's slots are a prefix (values fall with j), so counting per parent is enough.
+                slots = slots[: self._level_budget([s[0] for s in slots], start)]
+            created = [c for f in frontier for c in self._children(f, sum(1 for s in slots if s[1] == f), drawn)]
+            if not created:
+                break
+            frontier = sorted(created, key=lambda c: (-self._scores[c], c))[: cfg.top_k]
+        if drawn:
+            return list(range(len(self._tokens)))
+        # Rerank every candidate globally. A child never outscores its parent and ties go to the
+        # lower index, so the kept set is closed under parents.
+        ranked = sorted(range(1, len(self._tokens)), key=lambda c: (-self._scores[c], c))[: cfg.max_nodes]
+        if cfg.budget is not None:
+            n = min(cfg.budget, len(ranked))
+        elif curve is not None:
+            n = choose_budget([self._scores[c] for c in ranked], curve, (time.perf_counter() - start) * 1000)
+        else:
+            n = len(ranked)
+        return [0] + sorted(ranked[:n])
+
+    def _worth_deeper(self, frontier: list[int], start: float) -> bool:
+        """Could one more draft forward pay off? Best case: each frontier node's children carry all its mass."""
+        spent = (time.perf_counter() - start) * 1000
+        now = best_rate(self._scores[1:], self.cost_curve, spent)
+        hope = best_rate(self._scores[1:] + [self._scores[f] for f in frontier], self.cost_curve, spent + self._step_ms)
+        return hope > now
+
+    def _budget_full(self, frontier: list[int]) -> bool:
+        """Fixed budget: no deeper node can enter the best `budget` (children never outscore parents)."""
+        scores = sorted(self._scores[1:], reverse=True)
+        budget = min(self.config.budget, self.config.max_nodes)
+        if len(scores) < budget:
+            return False
+        # Drawn children are never reranked away, so a full tree is final.
+        return self._drawn() or budget == 0 or max(self._scores[f] for f in frontier) <= scores[budget - 1]
+
+    def _level_budget(self, values: list[float], start: float) -> int:
+        """How many of this depth's slots (values descending) to add to the tree built so far."""
+        size, cap = len(self._tokens) - 1, self.config.max_nodes
+        if self.config.budget is not None:
+            cap = min(cap, self.config.budget)
+        values = values[: max(0, cap - size)]
+        if self.config.budget is not None or self.cost_curve is None:
+            return len(values)
+        spent = (time.perf_counter() - start) * 1000
+        expected, best_n, best = 1.0 + sum(self._scores[1:]), 0, 0.0
+        for n in range(len(values) + 1):
+            rate = (expected + sum(values[:n])) / (spent + verification_cost(self.cost_curve, size + n + 1))
+            if rate > best:
+                best_n, best = n, rate
+        return best_n
+
+    def _tree(self, keep: list[int]) -> TokenTree:
+        """The kept nodes (sorted, closed under parents) re-indexed into a TokenTree."""
+        new = {old: i for i, old in enumerate(keep)}
+        vocab = self._q[0].shape[-1]
+        q = torch.zeros(len(keep), vocab, device=self.device)
+        for old, i in new.items():
+            if old in self._q:
+                q[i] = self._q[old]
+        dev = self.device
+        return TokenTree(
+            tokens=torch.tensor([self._tokens[o] for o in keep], device=dev),
+            parents=torch.tensor([new[self._parents[o]] if o else -1 for o in keep], device=dev),
+            depths=torch.tensor([self._depths[o] for o in keep], device=dev),
+            q=q, drawn=self._drawn(),
+            scores=torch.tensor([self._scores[o] for o in keep], dtype=torch.float64))
+
+
+# ---- the engine -----------------------------------------------------------------------------------
+
+
+def gather_cache(cache: DynamicCache, past: int, keep: list[int]) -> None:
+    """Keep the committed prefix plus the tree nodes `keep` (indices into the n nodes after `past`), in order.
+
+    keep must be increasing (a root path is): entry keep[j] moves to past + j, the rest is cropped.
+    """
+    if keep != list(range(len(keep))):
+        idx = torch.tensor(keep, device=cache.layers[0].keys.device) + past
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise TypeError(f"tree decoding gathers KV entries of full-attention layers only, not {type(layer).__name__}")
+            layer.keys[..., past : past + len(keep), :] = layer.keys.index_select(-2, idx)
+            layer.values[..., past : past + len(keep), :] = layer.values.index_select(-2, idx)
+    crop_cache(cache, past + len(keep))
+    assert cache.get_seq_length() == past + len(keep), "tree KV gather left the cache at the wrong length"
+
+
+class _WarpedRows:
+    """p at tree nodes, warped on first use: verification visits only the root path."""
+
+    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+        self.logits, self.params, self.rows = logits, params, {}
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = warp_probs(self.logits[node : node + 1], self.params)[0]
+        return self.rows[node]
+
+
+class TreeSpeculativeEngine(SpeculativeEngine):
+    """The chain engine's request handling (validation, stop rules, records) with tree rounds."""
+
+    def __init__(self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, draft: DraftModel | None = None,
+                 config: EngineConfig | None = None, tree: TreeConfig | None = None,
+                 cost_curve: Mapping[int, float] | None = None):
+        super().__init__(target, tokenizer, draft, config)
+        self.tree_config = tree or self.config.tree or TreeConfig()
+        self.cost_curve = dict(cost_curve) if cost_curve else None
+        self.calibration = AcceptanceCalibration()  # learnt across requests, like the cost curve
+        for model in (target, draft.model if draft is not None else None):
+            impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            if model is not None and impl not in TREE_ATTENTION:
+                raise ValueError(f"tree decoding needs a custom 4-D attention mask, which attn_implementation={impl!r} "
+                                 f"ignores; load the model with attn_implementation='sdpa' or 'eager'")
+
+    @classmethod
+    def from_engine(cls, engine: SpeculativeEngine, tree: TreeConfig | None = None,
+                    cost_curve: Mapping[int, float] | None = None, measure: bool = True) -> "TreeSpeculativeEngine":
+        """Same target, draft, tokenizer and config. A dynamic tree with no fixed budget needs the
+        verification cost curve: pass one (ms by new tokens) or let this measure it (a few seconds)."""
+        tree = tree or TreeConfig()
+        if cost_curve is None and measure and tree.shape == "dynamic" and tree.budget is None:
+            cost_curve = measure_verification_cost(engine.target, tree.max_nodes + 1)
+        return cls(engine.target, engine.tokenizer, engine.draft, engine.config, tree, cost_curve)
+
+    def _depth_cap(self) -> int:
+        cfg = self.tree_config
+        return len(cfg.branching) if cfg.shape == "static" else cfg.max_depth
+
+    def _new_stats(self, prompt_tokens: int) -> TreeStats:
+        return TreeStats(accepted_per_position=[0] * self._depth_cap(), prompt_tokens=prompt_tokens)
+
+    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> TreeDrafter:
+        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration)
+
+    def _round(self, tokens: list[int], out_len: int, cache: DynamicCache, drafter: TreeDrafter | None,
+               params: SamplingParams, generator: torch.Generator, teacher: Teacher,
+               stats: TreeStats) -> tuple[list[int], DraftRound | None]:
+        """One tree per round: draft it, verify it in one target forward, keep the accepted path's KV."""
+        depth = min(self._depth_cap(), params.max_tokens - out_len - 1) if drafter else 0
+        if depth > 0:
+            tree, draft_ms = drafter.build(tokens, params, generator, depth)
+            stats.draft_s += draft_ms / 1000
+        else:
+            tree = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device)
+        new_tokens, verdict = self._verify_tree(tokens, cache, tree, params, generator, teacher, stats)
+        if drafter is not None:
+            drafter.rollback(len(tokens))
+        if tree.size == 1:
+            return new_tokens, None
+        path = verdict.path
+        kids = tree.children(path[-1] if path else 0)
+        # What the draft proposed along the committed path, up to the first rejected child.
+        proposed = tree.tokens[path + kids[:1]].tolist()
+        return new_tokens, DraftRound(out_len, proposed, verdict.num_accepted)
+
+    def _tree_forward(self, tree: TokenTree, cache: DynamicCache) -> torch.Tensor:
+        """All tree nodes in one target forward on top of the cache → fp32 logits [n, V]."""
+        past = cache.get_seq_length()
+        out = self.target(input_ids=tree.tokens[None], attention_mask=tree_attention_mask(tree.parents, past, self.target.dtype),
+                          position_ids=tree_position_ids(tree.depths, past), past_key_values=cache, use_cache=True,
+                          logits_to_keep=tree.size)
+        return out.logits[0].float()
+
+    def _verify_tree(self, tokens: list[int], cache: DynamicCache, tree: TokenTree, params: SamplingParams,
+                     generator: torch.Generator, teacher: Teacher, stats: TreeStats) -> tuple[list[int], TreeVerdict]:
+        t0 = time.perf_counter()
+        past = len(tokens) - 1
+        logits = self._tree_forward(tree, cache)  # [n, V]
+        stats.target_forwards += 1
+        if params.greedy:
+            verdict = verify_tree_greedy(tree, logits.argmax(-1))
+        else:
+            target_probs = _WarpedRows(logits, params)
+            uniforms = torch.rand(tree.size, generator=generator, device=self.device)
+            verdict = verify_tree_sampled(tree, target_probs, uniforms, generator)
+        keep = [0] + verdict.path
+        gather_cache(cache, past, keep)
+        teacher.add(logits[keep])
+        stats.verify_s += time.perf_counter() - t0
+        if tree.size > 1:
+            self._tree_stats(tree, verdict, logits, params, stats)
+        return [*tree.tokens[verdict.path].tolist(), verdict.next_token], verdict
+
+    def _tree_stats(self, tree: TokenTree, verdict: TreeVerdict, logits: torch.Tensor, params: SamplingParams,
+                    stats: TreeStats) -> None:
+        stats.rounds += 1
+        stats.proposed += tree.size - 1
+        stats.accepted += verdict.num_accepted
+        stats.budgets.append(tree.size - 1)
+        for i in range(verdict.num_accepted):
+            if i >= len(stats.accepted_per_position):
+                stats.accepted_per_position.append(0)
+            stats.accepted_per_position[i] += 1
+        # Verified nodes: those on the committed path that had children (their context is committed).
+        verified = [n for n in [0] + verdict.path if tree.children(n)]
+        self._calibrate(tree, verdict, verified, params)
+        stats.node_trials += len(verified)
+        stats.node_accepts += verdict.num_accepted
+        rows = logits[verified]
+        p_beta = rows.softmax(-1) if params.greedy else warp_probs(rows, params)  # temperature-1 p under greedy, as α̂ is
+        stats.beta_sum += float(overlap(p_beta, tree.q[verified]).sum())
+        stats.beta_count += len(verified)
+        if self.tree_config.alpha_star:
+            t0 = time.perf_counter()
+            p_rule = warp_probs(rows, params)  # what the rule verifies against: one-hot under greedy
+            for row, node in enumerate(verified):
+                kids = tree.tokens[tree.children(node)]
+                if tree.drawn:
+                    low, high = optimal_acceptance_bounds(p_rule[row], tree.q[node], k=len(kids))
+                else:  # a fixed candidate set S: the best any rule can do is p(S), which point masses reach
+                    low = high = float(p_rule[row, kids].sum())
+                stats.alpha_star_sum += high
+                stats.alpha_star_low_sum += low
+                stats.alpha_star_count += 1
+            stats.analysis_s += time.perf_counter() - t0
+
+    def _calibrate(self, tree: TokenTree, verdict: TreeVerdict, verified: list[int], params: SamplingParams) -> None:
+        """Feed the acceptance calibration: each tried child's slot probability and whether it was accepted."""
+        path = set(verdict.path)
+        for node in verified:
+            kids = tree.children(node)
+            hit = [c in path for c in kids]
+            if not params.greedy and any(hit):  # sampled: siblings after the accepted one were never tried
+                kids, hit = kids[: hit.index(True) + 1], hit[: hit.index(True) + 1]
+            slot_q = torch.topk(tree.q[node], len(kids)).values  # the j-th child fills the j-th slot
+            self.calibration.update(slot_q, torch.tensor(hit))

@@ -1,0 +1,214 @@
+"""Drafts: the self-draft built from the target, the shortlist-head wrapper, published weights.
+
+A draft is a causal LM over the target's vocabulary wrapped in ``DraftModel``; what the
+trainer publishes (weights and an optional acceptance head) is loaded back with
+``load_published_state`` beside the live draft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from osd.config import ModelConfig
+from osd.models.loading import ModelLoadError, load_causal_lm, parse_dtype
+
+
+def build_self_draft(target: PreTrainedModel, layers: int | list[int] = 2) -> PreTrainedModel:
+    """A copy of some of the target's decoder layers plus its final norm and LM head.
+
+    `layers` is a count (the first N layers, the default construction) or explicit
+    target layer indices in order, e.g. [0, 1, 28, 29] for early plus late layers.
+    Kangaroo-style: the copy shares the target's tokenizer and embedding space, so an
+    untrained draft already agrees with the target sometimes; distillation does the rest.
+    """
+    total = target.config.num_hidden_layers
+    picked = list(range(layers)) if isinstance(layers, int) else list(layers)
+    if not picked or any(not 0 <= i < total for i in picked):
+        raise ValueError(f"draft layers must be a count in [1, {total}] or indices in [0, {total - 1}], got {layers}")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = len(picked)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in picked]
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
+    renumber = {old: new for new, old in enumerate(picked)}
+    source = {}
+    for key, value in target.state_dict().items():
+        index = _layer_index(key)
+        if index is None or index in renumber:
+            new_key = key if index is None else key.replace(f"layers.{index}.", f"layers.{renumber[index]}.", 1)
+            source[new_key] = value.clone(memory_format=torch.contiguous_format)  # independent, standard layout
+    missing, unexpected = draft.load_state_dict(source, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    if config.tie_word_embeddings:
+        draft.tie_weights()
+    return draft.to(target.device).eval()
+
+
+def _layer_index(key: str) -> int | None:
+    parts = key.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1])
+    return None
+
+
+class DraftModel(nn.Module):
+    """A draft causal LM with an optional vocabulary-shortlist LM head.
+
+    With a shortlist, logits are computed only for the listed token ids and every
+    other token gets -inf, so q = 0 there. That stays lossless: verification only ever
+    needs q for what the draft proposed, and p - q keeps the target's mass elsewhere.
+    """
+
+    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None, acceptance_head=None):
+        super().__init__()
+        self.model = model
+        # osd.decoding.stopping.AcceptanceHead or None: SpecDec++'s stop head, trained for these weights,
+        # so it travels (and swaps) with them.
+        self.acceptance_head = acceptance_head
+        self.vocab_size = model.config.vocab_size
+        if shortlist is not None:
+            shortlist = torch.unique(shortlist.to(device=model.device, dtype=torch.long))
+            if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
+                raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
+        self.register_buffer("shortlist", shortlist, persistent=False)
+        self._head_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: [B, S] → logits [B, S or logits_to_keep, V] (fp32 on the model's device).
+
+        return_hidden: also the final-norm hidden states [B, S or logits_to_keep, H] the head read.
+        """
+        if self.shortlist is None and not return_hidden:
+            out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=past_key_values is not None,
+                             logits_to_keep=logits_to_keep)
+            return out.logits.float()
+        hidden = self.model.get_decoder()(input_ids=input_ids, past_key_values=past_key_values,
+                                          use_cache=past_key_values is not None).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.logits_from_hidden(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., H] final-norm hidden states → logits [..., V] fp32 through the (shortlist) head."""
+        if self.shortlist is None:
+            return self.model.get_output_embeddings()(hidden).float()
+        short_logits = (hidden @ self._shortlist_head().T).float()  # [..., K]
+        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.shortlist] = short_logits
+        return logits
+
+
+    def _shortlist_head(self) -> torch.Tensor:
+        """The LM-head rows of the shortlist, [K, H].
+
+        Gathering them copies K·H weights (~9 MB for 4096 × 576) — on every draft step
+        that would eat much of what the shortlist saves. Served (no-grad) calls reuse one
+        copy until the weight is replaced or changed in place (its version counter moves).
+        """
+        weight = self.model.get_output_embeddings().weight
+        if torch.is_grad_enabled():
+            return weight[self.shortlist]  # training: the gather must stay on the autograd graph
+        key = (weight.data_ptr(), weight._version)
+        if self._head_cache is None or self._head_cache[0] != key:
+            self._head_cache = (key, weight[self.shortlist])
+        return self._head_cache[1]
+
+
+def load_shortlist(path: str) -> torch.Tensor:
+    """A JSON list of token ids → [K] int64."""
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not read the draft shortlist {path!r} (a JSON list of token ids): {e}") from e
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        raise ModelLoadError(f"draft shortlist {path!r} must be a non-empty JSON list of token ids")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ModelLoadError(
+            f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); speculative decoding "
+            "needs a draft that shares the target's tokenizer"
+        )
+
+
+def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers: int | list[int] = 2,
+                shortlist: torch.Tensor | None = None) -> DraftModel:
+    """The default self-draft, or any HF causal LM sharing the target's tokenizer."""
+    if draft is None or draft == "self":
+        model = build_self_draft(target, draft_layers)
+    else:
+        model = load_causal_lm(draft, device=target.device, dtype=target.dtype)
+        check_same_vocabulary(target, model)
+    return DraftModel(model, shortlist)
+
+
+# ---- a published draft version: the draft's weights, plus SpecDec++'s acceptance head when it has one
+
+ACCEPTANCE_HEAD_PREFIX = "acceptance_head."  # head tensors ride in the same safetensors file under this prefix
+
+
+def published_state_dict(draft: DraftModel) -> dict[str, torch.Tensor]:
+    """What a trainer publishes for ``draft``: ``draft.model``'s weights and, if attached, the acceptance head's."""
+    state = {k: v.detach() for k, v in draft.model.state_dict().items()}
+    if draft.acceptance_head is not None:
+        state |= {ACCEPTANCE_HEAD_PREFIX + k: v.detach() for k, v in draft.acceptance_head.state_dict().items()}
+    return state
+
+
+def published_specs(template: DraftModel, names) -> dict[str, tuple[list[int], torch.dtype]]:
+    """name -> (shape, dtype) a published version must match to load into ``template``'s construction;
+    ``names``: the version's tensor names (a version with a head must carry exactly the head's tensors)."""
+    from osd.decoding.stopping import (
+        AcceptanceHead,  # local: stopping is the drafting side
+    )
+
+    specs = {k: (list(v.shape), v.dtype) for k, v in template.model.state_dict().items()}
+    if any(name.startswith(ACCEPTANCE_HEAD_PREFIX) for name in names):
+        head = AcceptanceHead(template.config.hidden_size)
+        specs |= {ACCEPTANCE_HEAD_PREFIX + k: (list(v.shape), v.dtype) for k, v in head.state_dict().items()}
+    return specs
+
+
+def load_published_state(template: DraftModel, state: dict[str, torch.Tensor]) -> DraftModel:
+    """A fresh eval-mode copy of ``template`` (same construction and shortlist) holding ``state``.
+
+    Raises RuntimeError (from load_state_dict) when names or shapes do not fit.
+    """
+    from osd.decoding.stopping import AcceptanceHead
+
+    weights = {k: v for k, v in state.items() if not k.startswith(ACCEPTANCE_HEAD_PREFIX)}
+    head_state = {k[len(ACCEPTANCE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(ACCEPTANCE_HEAD_PREFIX)}
+    draft = copy.deepcopy(template)
+    draft.model.load_state_dict(weights, strict=True)
+    draft.acceptance_head = None  # a version without a head must not keep the template's
+    if head_state:
+        device = next(template.parameters()).device
+        draft.acceptance_head = AcceptanceHead(template.config.hidden_size).to(device)
+        draft.acceptance_head.load_state_dict(head_state, strict=True)
+    return draft.eval().requires_grad_(False)
+
+
+def build_draft_template(models: ModelConfig) -> DraftModel:
+    """The draft as a replica builds it (same construction, so registry drafts fit), without keeping the target."""
+    if models.draft == "none":
+        raise ValueError("the trainer needs a draft to distil: set models.draft to 'self' or a model, not 'none'")
+    target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
+    shortlist = load_shortlist(models.shortlist) if models.shortlist else None
+    draft = build_draft(target, models.draft, models.draft_layers, shortlist)
+    del target
+    return draft

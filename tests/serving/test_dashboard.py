@@ -1,0 +1,131 @@
+"""The drift dashboard's history store against a real Redis: moving averages, retention, two
+replicas sharing one history, Redis outages; the table and series it builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from osd.serving.dashboard import DashboardConfig, DashboardStore, request_series
+from osd.serving.dashboard_schema import DashboardData
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def store_factory(redis_url):
+    made = []
+
+    def make(config: DashboardConfig | None = None, clock=None) -> DashboardStore:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+        store = DashboardStore(client, config, **({"clock": clock} if clock else {}))
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close(timeout_s=1.0)
+
+
+def post(store, cluster, alphas, version=0, tokens=10, forwards=5, seconds=0.5):
+    for a in alphas:
+        store.post_request(cluster, version, a, tokens, forwards, seconds)
+
+
+def test_moving_averages_are_per_cluster_and_over_the_last_window():
+    points = [dict(t=i, cluster="a" if i % 3 else "b", version=0, alpha=i / 10, tokens=i + 1, forwards=2,
+                   seconds=0.5) for i in range(10)]
+    points.append(dict(t=10, cluster="a", version=1, alpha=None, tokens=4, forwards=4, seconds=1.0))
+    series = request_series(points, window=3)
+    a = [p for p in points if p["cluster"] == "a"]  # t = 1, 2, 4, 5, 7, 8, 10
+    assert [p.t for p in series["a"]] == [p["t"] for p in a]
+    assert series["a"][0].alpha_ma == pytest.approx(0.1)
+    assert series["a"][4].alpha_ma == pytest.approx((0.4 + 0.5 + 0.7) / 3)  # window of 3: t = 4, 5, 7
+    assert series["a"][-1].alpha is None  # served without a draft: skipped by the α̂ average
+    assert series["a"][-1].alpha_ma == pytest.approx((0.7 + 0.8) / 2)
+    assert series["a"][-1].tokens_per_forward_ma == pytest.approx((8 + 9 + 4) / (2 + 2 + 4))
+    assert series["a"][-1].tokens_per_s_ma == pytest.approx((8 + 9 + 4) / (0.5 + 0.5 + 1.0))
+    assert [p.t for p in series["b"]] == [0, 3, 6, 9]
+
+
+def test_history_round_trips_through_redis_and_builds_the_table(store_factory):
+    clock = Clock()
+    store = store_factory(DashboardConfig(window=4), clock)
+    post(store, "math", [0.1, 0.2])
+    clock.t += 3600 + 1
+    post(store, "math", [0.5, 0.6, 0.7, 0.8, 0.9])
+    post(store, "code", [0.3], version=2)
+    store.post_trainer("math", update=1, loss=0.5, alpha_candidate=0.6, alpha_live=0.4, promoted=True, version=2)
+    store.post_swap("math", 2, "promoted")
+    store.post_backlog("math", length=10, pending=2, lag=3)
+    assert store.flush()
+
+    data = store.data(live_versions={"math": 2, "fresh": None})
+    DashboardData.model_validate_json(data.model_dump_json())  # the JSON validates as the schema
+    assert data.window == 4 and set(data.series) == {"math", "code"}
+    assert [round(p.alpha, 3) for p in data.series["math"]] == [0.1, 0.2, 0.5, 0.6, 0.7, 0.8, 0.9]
+    rows = {r.cluster: r for r in data.clusters}
+    assert set(rows) == {"math", "code", "fresh"}
+    assert rows["math"].alpha_now == pytest.approx((0.6 + 0.7 + 0.8 + 0.9) / 4)
+    assert rows["math"].alpha_hour_ago == pytest.approx(0.15)  # the last point at least an hour old
+    assert rows["math"].live_version == 2 and rows["math"].requests == 7 and rows["math"].last_update == clock.t
+    assert rows["code"].alpha_hour_ago is None and rows["fresh"].requests == 0
+    assert [(s.cluster, s.version, s.kind) for s in data.swaps] == [("math", 2, "promoted")]
+    assert data.trainer[0].alpha_candidate == 0.6 and data.backlog[0].lag == 3
+    counters = store.trainer_counters()["math"]
+    assert (counters["updates"], counters["promotions"], counters["alpha_live"]) == (1, 1, 0.4)
+
+
+def test_two_replicas_share_one_history(store_factory):
+    a, b = store_factory(), store_factory()
+    post(a, "global", [0.2, 0.4])
+    post(b, "global", [0.6])
+    assert a.flush() and b.flush()
+    assert [p.alpha for p in a.data().series["global"]] == [p.alpha for p in b.data().series["global"]]
+    assert len(b.data().series["global"]) == 3
+
+
+def test_retention_trims_by_entry_id_and_reads_are_capped(store_factory, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    old = json.dumps(dict(t=1.0, cluster="global", version=0, alpha=0.5, tokens=1, forwards=1, seconds=0.1))
+    client.xadd("osd:dash:requests", {"j": old}, id="1000-0")  # 1970: far past any retention
+    store = store_factory(DashboardConfig(retention_s=3600, max_read=20))
+    post(store, "global", [0.9] * 30)
+    assert store.flush()
+    assert client.xlen("osd:dash:requests") == 30  # the old point went with the next write
+    data = store.data()
+    assert len(data.series["global"]) == 20 and all(p.alpha == 0.9 for p in data.series["global"])
+
+
+def test_unreadable_points_are_skipped(store_factory, redis_url):
+    redis.Redis.from_url(redis_url).xadd("osd:dash:requests", {"j": b"{not json"})
+    store = store_factory()
+    post(store, "global", [0.3])
+    assert store.flush()
+    assert [p.alpha for p in store.data().series["global"]] == [0.3]
+
+
+def test_redis_outage_holds_points_then_writes_them_and_counts_overflow(redis_server, store_factory):
+    store = store_factory(DashboardConfig(queue_size=5))
+    post(store, "global", [0.1])
+    assert store.flush()
+    redis_server.stop()
+    try:
+        post(store, "global", [0.2, 0.3])
+        assert not store.flush(timeout_s=0.5)  # held, not lost
+        with pytest.raises(redis.RedisError):
+            store.data()
+        post(store, "global", [0.4, 0.5, 0.6, 0.7, 0.8])  # 7 waiting, room for 5: the 2 oldest go
+    finally:
+        redis_server.restart()
+    assert store.flush(timeout_s=15)
+    assert store.dropped == 2
+    assert [p.alpha for p in store.data().series["global"]] == [0.1, 0.4, 0.5, 0.6, 0.7, 0.8]
