@@ -92,6 +92,7 @@ class OsdServer:
         torch.set_num_threads(cfg.replica_torch_threads)  # Ray set OMP_NUM_THREADS from num_cpus; be deliberate
         models = cfg.models.model_copy(update={"torch_threads": cfg.replica_torch_threads})
         engine = build_engine(models, cfg.engine)
+        log.info("osd replica: warm-up request took %.1f s", engine.warm_up())  # the first user request is not the one
         self.buffer = RecordBuffer(cfg.buffer_config())
         self.recorder = _recorder(self.buffer, cfg)
         self.registry = DraftRegistry.from_config(cfg.registry_config())

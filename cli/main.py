@@ -26,14 +26,16 @@ def cmd_generate(args) -> int:
     else:
         prompt_ids = chat_prompt_ids(engine.tokenizer, args.prompt)
     out = engine.generate(prompt_ids, params)
+    dtype = str(engine.target.dtype).removeprefix("torch.")
     if args.json:
         print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "output_ids": out.output_ids,
-                          "stats": out.stats.as_dict()}, indent=2))
+                          "dtype": dtype, "stats": out.stats.as_dict()}, indent=2))
         return 0
     print(out.text)
     s = out.stats
     alpha = f"{s.alpha_hat:.3f}" if s.alpha_hat is not None else "n/a"
-    print(f"\n[{s.output_tokens} tokens in {s.elapsed_s:.2f}s = {s.tokens_per_second:.1f} tok/s | finish={out.finish_reason} | "
+    print(f"\n[{s.output_tokens} tokens in {s.elapsed_s:.2f}s = {s.tokens_per_second:.1f} tok/s | {dtype} | "
+          f"finish={out.finish_reason} | "
           f"rounds={s.rounds} proposed={s.proposed} accepted={s.accepted} per-position={s.accepted_per_position} | "
           f"target forwards={s.target_forwards} | mean acceptance length={s.mean_acceptance_length:.2f} | α̂={alpha}]",
           file=sys.stderr)
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
     bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees"],
-                       help="spec: engine vs HF generate and assisted generation; distill: online distillation on one "
+                       help="spec: does speculation pay here (per dtype: verification curve, HF generate and assisted generation, osd with no, an untrained and a distilled draft, speculation always vs auto); distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
                             "paused; drift: a stream whose category shifts in phases, online vs static draft, "
@@ -118,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "and adaptive length), static and dynamic trees, and an early-exit self-draft")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
-    bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: the vendored copy in osd/data/workloads)")
+    bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: the vendored copy in osd/data/questions)")
     bench.add_argument("--out", default="bench/results", help="directory for the JSON results")
     bench.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update with the table")
     add_model_args(bench)
+    from bench.spec import add_bench_spec_args
+
+    add_bench_spec_args(bench)
     from bench.distill import add_bench_distill_args
 
     add_bench_distill_args(bench)

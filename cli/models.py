@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="self-draft layers: a count (first N) or comma-separated target layer indices, e.g. 0,1,28,29")
     g.add_argument("--shortlist", default=None, help="JSON list of token ids for the draft's shortlist LM head")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto: bfloat16 where the hardware does it well (AVX512-BF16/AMX-BF16 CPUs, "
+                        "CUDA with bf16), else float32")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per round")
 

@@ -49,16 +49,18 @@ class ModelConfig(_Strict):
         return v
     shortlist: str | None = Field(None, description="JSON file of token ids for the draft's shortlist LM head; None = full head.")
     device: str = Field("cpu", description="Torch device for both models, e.g. 'cpu' or 'cuda:0'.")
-    dtype: str = Field("float32", description="Weights dtype: float32, bfloat16 or float16.")
+    dtype: str = Field("auto", description="Weights dtype of target and draft: auto, float32, bfloat16 or float16. "
+                                           "auto = bfloat16 on CUDA with bf16 and on CPUs with AVX512-BF16/AMX-BF16, else float32.")
     transpose_weights: bool | None = Field(
-        None, description="Lay target Linear weights out [in, out] (faster multi-token verification on CPU); None = on for CPU.")
+        None, description="Lay target Linear weights out [in, out] (faster multi-token verification in fp32 on CPU); "
+                          "None = on for float32 on CPU only.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default.")
 
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, v: str) -> str:
-        if v not in ("float32", "bfloat16", "float16"):
-            raise ValueError("dtype must be float32, bfloat16 or float16")
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be auto, float32, bfloat16 or float16")
         return v
 
 
@@ -105,8 +107,15 @@ class EngineConfig(_Strict):
     head_threshold: float = Field(
         0.7, gt=0.0, lt=1.0, description="'head': stop once the predicted chance that some token of the round is "
                                          "rejected exceeds this.")
+    speculation: Literal["auto", "always"] = Field(
+        "auto", description="'auto': draft only while it pays on this machine (per-draft estimates of acceptance, "
+                            "draft and verification time; plain decoding otherwise, with a probing round now and "
+                            "then: osd/decoding/governor.py); 'always': draft every round (the fixed baseline).")
     tree: TreeConfig | None = Field(
         None, description="Draft a token tree per round instead of a chain (osd/decoding/tree_engine.py); None = a chain.")
+    kv_cache: Literal["preallocated", "dynamic"] = Field(
+        "preallocated", description="KV cache of target and draft: 'preallocated' writes in place and crops by a length "
+                                    "(osd/decoding/kv_cache.py); 'dynamic' is transformers' DynamicCache (cat per forward).")
 
     @model_validator(mode="after")
     def _cap_covers_gamma(self) -> "EngineConfig":

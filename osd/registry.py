@@ -313,6 +313,9 @@ class RedisStore:
 # --------------------------------------------------------------------------- helpers
 
 
+FLOAT_DTYPES = {"float64", "float32", "bfloat16", "float16"}
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -559,16 +562,24 @@ class DraftRegistry:
     ) -> dict[str, torch.Tensor]:
         """The state dict of a version, only if it fits the serving model exactly.
 
-        ``reference_shapes`` is ``tensor_specs(live_model.state_dict())``. Raises
-        DraftMismatchError (names/shapes/dtypes differ) or CorruptDraftError; either way
-        the caller should keep its live draft.
+        ``reference_shapes`` is ``tensor_specs(live_model.state_dict())``. Float tensors
+        published in another float dtype come back cast to the reference's. Raises
+        DraftMismatchError (names/shapes differ, or a non-float dtype does) or CorruptDraftError;
+        either way the caller should keep its live draft.
         """
         want = normalize_specs(reference_shapes)
+        got = normalize_specs(self.manifest(cluster, version).tensors)
+        # A float tensor published in another float dtype is cast, not refused: a trainer and replicas
+        # that resolved dtype 'auto' differently (a bf16 GPU trainer, fp32 CPU replicas), or versions
+        # published before a dtype change, still fit.
+        cast = {k for k in got.keys() & want.keys() if got[k][0] == want[k][0] and got[k][1] != want[k][1]
+                and got[k][1] in FLOAT_DTYPES and want[k][1] in FLOAT_DTYPES}
+        got |= {k: want[k] for k in cast}
         # Check the manifest first: a mismatched draft is refused without reading its bytes.
-        if problems := spec_diff(normalize_specs(self.manifest(cluster, version).tensors), want):
+        if problems := spec_diff(got, want):
             raise DraftMismatchError(
                 f"draft cluster {cluster!r} v{version} does not fit the serving model: {'; '.join(problems)}. "
                 "Keep the live draft; was it built for another target or draft construction?"
             )
         _, state_dict = self.get(cluster, version)
-        return state_dict
+        return {k: v.to(getattr(torch, want[k][1])) if k in cast else v for k, v in state_dict.items()}

@@ -66,3 +66,27 @@ def test_osd_distill_runs_end_to_end(tiny_model_dir, redis_url, tmp_path):
     info = r.xinfo_groups("osd:records:global")
     assert info and all(g["pending"] == 0 for g in info), info  # acked: nothing left unsettled
     r.close()
+
+
+def test_dtype_defaults_to_auto_and_generate_reports_the_resolved_dtype(tiny_model_dir):
+    import argparse
+
+    from cli.models import add_model_args, model_configs
+    from osd.models.loading import resolve_dtype
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    models, _ = model_configs(parser.parse_args([]))
+    assert models.dtype == "auto"
+    want = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "generate", "abc", "--raw", "--max-tokens", "4",
+                           "--target", str(tiny_model_dir), "--draft-layers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"osd: target {tiny_model_dir} on cpu in {want} (auto: " in proc.stderr  # logged once at load
+    assert f"tok/s | {want} |" in proc.stderr  # the stats line
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "generate", "abc", "--raw", "--max-tokens", "4",
+                           "--target", str(tiny_model_dir), "--draft-layers", "1", "--dtype", "float32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in float32 (configured), [in, out] weight layout" in proc.stderr and "tok/s | float32 |" in proc.stderr

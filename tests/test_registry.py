@@ -213,16 +213,22 @@ def test_load_validated_refuses_shape_dtype_and_name_mismatch(backend):
         reg.load_validated("math", 2, reference)
 
     sd = small_state_dict(3)
-    sd["model.norm.weight"] = sd["model.norm.weight"].float()
+    sd["model.norm.weight"] = sd["model.norm.weight"].float()  # another float dtype: cast, not refused
     reg.publish("math", sd)
-    with pytest.raises(DraftMismatchError, match="float32 vs expected \\[8\\] float16"):
-        reg.load_validated("math", 3, reference)
+    loaded = reg.load_validated("math", 3, reference)
+    assert loaded["model.norm.weight"].dtype == reference["model.norm.weight"][1]
+    assert_same_tensors(loaded, small_state_dict(3))
+    sd = small_state_dict(3)
+    sd["step"] = sd["step"].float()  # an integer tensor turned float: refused
+    reg.publish("math", sd)
+    with pytest.raises(DraftMismatchError, match=r"step: \[1\] float32 vs expected \[1\] int64"):
+        reg.load_validated("math", 4, reference)
 
     sd = small_state_dict(4)
     del sd["step"]
     reg.publish("math", sd)
     with pytest.raises(DraftMismatchError, match=r"missing 1 tensor\(s\): \['step'\]"):
-        reg.load_validated("math", 4, reference)
+        reg.load_validated("math", 5, reference)
 
 
 # --------------------------------------------------------------------------- pruning

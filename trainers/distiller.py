@@ -134,6 +134,11 @@ def student_logits(draft: DraftModel, batch: Batch, use_shortlist: bool = True) 
     return logits
 
 
+def needs_master(param: Tensor) -> bool:
+    """Whether a trainable parameter steps through an fp32 master copy: a half-precision one."""
+    return param.dtype in (torch.bfloat16, torch.float16)
+
+
 @dataclass(frozen=True)
 class UpdateResult:
     """What one update did. ``loss`` is the mean mixed loss over the steps taken."""
@@ -173,9 +178,16 @@ class OnlineDistiller:
         if not params:
             raise ValueError("nothing to train: every draft parameter is frozen; unset freeze_embeddings/freeze_head/"
                              "freeze_layers or use mode='lora'")
-        self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-                          if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        # A bf16/fp16 draft trains through fp32 master copies: the optimizer steps on them and the
+        # draft's own weights are their rounding. Stepped in bf16 directly, an AdamW step of ~lr = 1e-4
+        # is below half an ulp of most weights (bf16 keeps 8 mantissa bits) and is lost.
+        self._masters = [(p, p.detach().float().requires_grad_(True)) for p in params if needs_master(p)]
+        master_of = {id(p): m for p, m in self._masters}
+        stepped = [master_of.get(id(p), p) for p in params]
+        self.optimizer = (torch.optim.AdamW(stepped, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                          if cfg.optimizer == "adamw" else torch.optim.SGD(stepped, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self._params = params
+        self._stepped = stepped
         self._pending: list[TrainingRecord] = []
         self.holdout: deque[TrainingRecord] = deque(maxlen=cfg.holdout_size)
         self._holdout_arrivals: deque[int] = deque(maxlen=cfg.holdout_size)  # records_seen when each arrived
@@ -314,8 +326,13 @@ class OnlineDistiller:
             # Each term is a mean over its own rows, so r really is the on-policy share of the loss.
             loss = loss + r * distillation_loss(cfg.loss, logits, *teacher, batch.on_policy, **kw)
         self.optimizer.zero_grad(set_to_none=True)
+        for p, _ in self._masters:
+            p.grad = None
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        for p, master in self._masters:
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(self._stepped, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
             # e.g. a shortlist draft whose shortlist misses a teacher token under reverse KL;
             # stepping would write NaN into the weights.
@@ -324,6 +341,9 @@ class OnlineDistiller:
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, master in self._masters:
+                p.copy_(master)  # the draft's dtype: what is served, gated and exported
         return float(loss.detach())
 
     # -- export ------------------------------------------------------------------------------
@@ -379,6 +399,9 @@ class OnlineDistiller:
         )
 
         load_adapter_state_dict(self._peft, state)
+        with torch.no_grad():
+            for p, master in self._masters:
+                master.copy_(p)
 
     def candidate(self) -> DraftModel:
         """A plain, eval-mode DraftModel with the current weights, independent of further training."""

@@ -13,13 +13,16 @@ import time
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from osd.decoding.drafting import crop_cache
+from osd.decoding.kv_cache import KVCacheKind, make_cache
 
 
-def forward_cost_curve(model, ks=(1, 2, 3, 4, 5, 6, 8, 12, 16), context: int = 200, reps: int = 12) -> dict[int, float]:
-    """Lower-quartile ms of one forward over k new tokens on top of a `context`-token KV cache.
+def forward_cost_curve(model, ks=(1, 2, 3, 4, 5, 6, 8, 12, 16), context: int = 200, reps: int = 12,
+                       kv_cache: KVCacheKind = "preallocated") -> dict[int, float]:
+    """Lower-quartile ms of one forward over k new tokens on top of a `context`-token KV cache, cropped back after
+    each forward as the engine does, on the kind of cache the engine uses (EngineConfig.kv_cache).
 
     `model` is an HF causal LM or a DraftModel (both take past_key_values and logits_to_keep).
     The lower quartile, not the median: on a shared machine a burst of other work can stall
@@ -27,7 +30,7 @@ def forward_cost_curve(model, ks=(1, 2, 3, 4, 5, 6, 8, 12, 16), context: int = 2
     """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    cache = DynamicCache(config=model.config)
+    cache = make_cache(model.config, kv_cache, context + max(ks))
     curve = {}
     with torch.inference_mode():
         model(torch.randint(0, vocab, (1, context), device=device), past_key_values=cache, logits_to_keep=1)
@@ -86,14 +89,15 @@ def best_rate(values: Sequence[float], curve: Mapping[int, float], fixed_ms: flo
     return (1.0 + sum(ranked[:n])) / (fixed_ms + verification_cost(curve, n + 1))
 
 
-def measure_verification_cost(target: PreTrainedModel, max_new: int, context: int = 200, reps: int = 6) -> dict[int, float]:
+def measure_verification_cost(target: PreTrainedModel, max_new: int, context: int = 200, reps: int = 6,
+                              kv_cache: KVCacheKind = "preallocated") -> dict[int, float]:
     """ms of one target forward by new tokens, measured on `target` (see forward_cost_curve).
 
     A forward over more tokens never costs less, and noise on a shared machine only ever
     adds time, so each point is lowered to the cheapest measurement at or above its k.
     """
     ks = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, max_new + 1)) | {max_new})
-    return monotone_cost(forward_cost_curve(target, ks=tuple(ks), context=context, reps=reps))
+    return monotone_cost(forward_cost_curve(target, ks=tuple(ks), context=context, reps=reps, kv_cache=kv_cache))
 
 
 def monotone_cost(curve: Mapping[int, float]) -> dict[int, float]:

@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from osd.config import SamplingParams
+from osd.decoding.kv_cache import KVCacheKind, make_cache
 from osd.decoding.sampling import sample, warp_probs
 from osd.decoding.stopping import LengthPolicy
 from osd.models.drafts import DraftModel
@@ -35,7 +36,8 @@ def choose_token(logits: torch.Tensor, params: SamplingParams,
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Drop cached positions past `length` (transformers 5 crops by a negative count)."""
+    """Drop cached positions past `length` (transformers 5 crops by a negative count; a PreallocatedCache takes the
+    same count and only moves its length)."""
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
@@ -49,10 +51,10 @@ class Drafter:
     catching up may feed two tokens: that costs one forward, not two.
     """
 
-    def __init__(self, draft: DraftModel, policy: LengthPolicy | None = None):
+    def __init__(self, draft: DraftModel, policy: LengthPolicy | None = None, kv_cache: KVCacheKind = "preallocated"):
         self.draft = draft
         self.policy = policy or LengthPolicy()  # no policy: every round drafts the cap
-        self.cache = DynamicCache(config=draft.config)
+        self.cache = make_cache(draft.config, kv_cache)  # grows by doubling from the prompt's prefill
 
     @property
     def cached(self) -> int:

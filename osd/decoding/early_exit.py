@@ -46,6 +46,7 @@ from transformers.masking_utils import create_causal_mask
 from osd.config import EngineConfig, SamplingParams
 from osd.decoding.drafting import Proposal, choose_token
 from osd.decoding.engine import Generation, SpeculativeEngine
+from osd.decoding.kv_cache import KVCacheKind, make_cache
 from osd.decoding.stopping import ConfidenceStop, LengthPolicy
 from osd.models.drafts import DraftModel, build_self_draft
 
@@ -200,13 +201,13 @@ class EarlyExitDrafter:
     """
 
     def __init__(self, draft: DraftModel, shared_layers: int, target_cache: DynamicCache,
-                 hidden: SharedHiddenStore, policy: LengthPolicy | None = None):
+                 hidden: SharedHiddenStore, policy: LengthPolicy | None = None, kv_cache: KVCacheKind = "preallocated"):
         self.draft = draft
         self.shared_layers = shared_layers
         self.target_cache = target_cache
         self.hidden = hidden
         self.policy = policy or LengthPolicy()
-        self.cache = DynamicCache(config=draft.config)  # draft-shaped; only the adapter layers (>= s) fill
+        self.cache = make_cache(draft.config, kv_cache)  # draft-shaped; only the adapter layers (>= s) fill
         self._decoder = draft.model.get_decoder()
         self._shared_stack = list(self._decoder.layers[:shared_layers])  # the target's layers, in the draft's copy
         self._adapter_stack = list(self._decoder.layers[shared_layers:])
@@ -316,7 +317,7 @@ class EarlyExitEngine(SpeculativeEngine):
         index = self.shared_layers - 1
         self._capture = SharedHiddenCapture(self.target.get_decoder().layers[index], index, cache)
         return EarlyExitDrafter(draft, self.shared_layers, cache, self._capture.store,
-                                ConfidenceStop(self.exit_threshold))
+                                ConfidenceStop(self.exit_threshold), self.config.kv_cache)
 
     def _release_capture(self) -> None:
         if self._capture is not None:

@@ -9,6 +9,7 @@ plain decoding, so the engine without a draft is the honest baseline.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,17 +18,14 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from osd.config import EngineConfig, ModelConfig, SamplingParams
 from osd.data.records import DraftRound, TrainingRecord
+from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.drafting import Drafter, Proposal, crop_cache
+from osd.decoding.kv_cache import make_cache
 from osd.decoding.sampling import warp_probs
 from osd.decoding.stopping import make_length_policy
 from osd.decoding.verification import Verdict, overlap, verify_greedy, verify_sampled
 from osd.models.drafts import DraftModel, build_draft, load_shortlist
-from osd.models.loading import (
-    load_causal_lm,
-    load_tokenizer,
-    parse_dtype,
-    transpose_linear_weights,
-)
+from osd.models.loading import load_target, load_tokenizer
 
 LIVE_DRAFT = object()  # generate()'s default: whatever draft the engine holds when the request starts
 
@@ -117,6 +115,7 @@ class SpeculativeEngine:
         self.device = next(target.parameters()).device
         self.context_window = int(getattr(target.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(target, tokenizer)
+        self._governors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → SpeculationGovernor
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -149,7 +148,9 @@ class SpeculativeEngine:
         teacher = Teacher(self.config.teacher_top_k)
         rounds: list[DraftRound] = []
         tokens = list(prompt_ids)
-        cache = DynamicCache(config=self.target.config)
+        # Room for the whole request plus one round's speculative rows, so the cache never has to grow.
+        cache = make_cache(self.target.config, self.config.kv_cache,
+                           len(prompt_ids) + params.max_tokens + self._round_rows())
         drafter = self._make_drafter(draft, cache) if draft is not None else None
         if len(tokens) > 1:
             self._target_forward(tokens[:-1], cache, keep=1)
@@ -186,13 +187,48 @@ class SpeculativeEngine:
         committed tokens and what the draft proposed (None without a draft)."""
         room = params.max_tokens - out_len - 1  # draft tokens that can still be used
         cap = min(self.config.round_cap, room) if drafter else 0
+        governor = self.governor(drafter.draft) if drafter is not None and self.config.speculation == "auto" else None
+        if governor is not None and cap > 0:
+            cap = governor.cap(cap)
+        catch_up = len(tokens) - drafter.cached if drafter is not None else 0
+        start = time.perf_counter()
         proposal = drafter.propose(tokens, cap, params, generator) if cap > 0 else None
+        drafted = time.perf_counter()
         new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
+        if governor is not None:
+            # Draft time counts only when the draft fed ≤ 2 tokens first (steady state), not after a catch-up.
+            governor.observe(len(proposal.tokens) if proposal is not None else 0, verdict.num_accepted,
+                             verify_s=time.perf_counter() - drafted, draft_s=drafted - start if catch_up <= 2 else None)
         if proposal is None:
             return new_tokens, None
         drafter.observe(len(proposal.tokens), verdict.num_accepted)
         drafter.rollback(len(tokens) + len(new_tokens))
         return new_tokens, DraftRound(out_len, proposal.tokens.tolist(), verdict.num_accepted)
+
+    def warm_up(self, max_tokens: int = 8) -> float:
+        """One short throwaway request through every forward shape a request uses (prefill, plain and
+        speculative rounds), so the first user request does not pay one-off kernel and allocator setup.
+        Its timings are not shown to the governor (cold numbers would mislead it). Returns seconds."""
+        start = time.perf_counter()
+        vocab = int(self.target.config.vocab_size)
+        prompt = [(7 * i + 3) % vocab for i in range(16)]
+        saved, self.config = self.config, self.config.model_copy(update={"speculation": "always", "record": False})
+        try:
+            self.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+            if self.draft is not None:  # plain decoding's single-token forward too
+                self.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0), draft=None)
+        finally:
+            self.config = saved
+        return time.perf_counter() - start
+
+    def governor(self, draft: DraftModel) -> SpeculationGovernor | None:
+        """The speculation governor of ``draft`` (one per draft object, so a swapped-in draft starts
+        fresh), or None when ``speculation`` is 'always'."""
+        if self.config.speculation != "auto":
+            return None
+        if draft not in self._governors:
+            self._governors[draft] = SpeculationGovernor()
+        return self._governors[draft]
 
     def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> Drafter:
         """One request's drafter. cache: the request's target cache (empty yet), for drafters that share it."""
@@ -200,7 +236,11 @@ class SpeculativeEngine:
         policy = make_length_policy(c.length_policy, c.gamma,
                                     c.confidence_threshold if c.length_policy == "confidence" else c.head_threshold,
                                     getattr(draft, "acceptance_head", None))
-        return Drafter(draft, policy)
+        return Drafter(draft, policy, c.kv_cache)
+
+    def _round_rows(self) -> int:
+        """The most rows one verification forward appends to the target cache: pending + a round's drafts."""
+        return self.config.round_cap + 1
 
     def _target_forward(self, ids: list[int], cache: DynamicCache, keep: int) -> torch.Tensor:
         """ids: the new tokens → logits [keep, V] (fp32) for the last `keep` of them."""
@@ -282,9 +322,7 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
     models = models or ModelConfig()
     if models.torch_threads:
         torch.set_num_threads(models.torch_threads)
-    target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
-    if models.transpose_weights or (models.transpose_weights is None and target.device.type == "cpu"):
-        transpose_linear_weights(target)
+    target = load_target(models)  # dtype "auto" resolved, [in, out] layout for fp32 on CPU, the choice logged
     tokenizer = load_tokenizer(models.target)
     draft = None
     if models.draft != "none":

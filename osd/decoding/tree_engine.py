@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from osd.config import EngineConfig, SamplingParams, TreeConfig
 from osd.data.records import DraftRound
@@ -54,6 +53,7 @@ from osd.decoding.cost import (
 )
 from osd.decoding.drafting import crop_cache
 from osd.decoding.engine import SpecStats, SpeculativeEngine, Teacher
+from osd.decoding.kv_cache import KVCacheKind, gather_cache, make_cache
 from osd.decoding.sampling import warp_probs
 from osd.decoding.tree import (
     TokenTree,
@@ -182,12 +182,12 @@ class TreeDrafter:
     """One request's draft cache and tree growth. Between rounds the cache holds committed tokens only."""
 
     def __init__(self, draft: DraftModel, config: TreeConfig, cost_curve: Mapping[int, float] | None = None,
-                 calibration: AcceptanceCalibration | None = None):
+                 calibration: AcceptanceCalibration | None = None, kv_cache: KVCacheKind = "preallocated"):
         self.draft = draft
         self.config = config
         self.cost_curve = cost_curve
         self.calibration = calibration
-        self.cache = DynamicCache(config=draft.config)
+        self.cache = make_cache(draft.config, kv_cache)
         self.device = next(draft.parameters()).device
 
     @property
@@ -370,22 +370,6 @@ class TreeDrafter:
 # ---- the engine -----------------------------------------------------------------------------------
 
 
-def gather_cache(cache: DynamicCache, past: int, keep: list[int]) -> None:
-    """Keep the committed prefix plus the tree nodes `keep` (indices into the n nodes after `past`), in order.
-
-    keep must be increasing (a root path is): entry keep[j] moves to past + j, the rest is cropped.
-    """
-    if keep != list(range(len(keep))):
-        idx = torch.tensor(keep, device=cache.layers[0].keys.device) + past
-        for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise TypeError(f"tree decoding gathers KV entries of full-attention layers only, not {type(layer).__name__}")
-            layer.keys[..., past : past + len(keep), :] = layer.keys.index_select(-2, idx)
-            layer.values[..., past : past + len(keep), :] = layer.values.index_select(-2, idx)
-    crop_cache(cache, past + len(keep))
-    assert cache.get_seq_length() == past + len(keep), "tree KV gather left the cache at the wrong length"
-
-
 class _WarpedRows:
     """p at tree nodes, warped on first use: verification visits only the root path."""
 
@@ -421,7 +405,7 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         verification cost curve: pass one (ms by new tokens) or let this measure it (a few seconds)."""
         tree = tree or TreeConfig()
         if cost_curve is None and measure and tree.shape == "dynamic" and tree.budget is None:
-            cost_curve = measure_verification_cost(engine.target, tree.max_nodes + 1)
+            cost_curve = measure_verification_cost(engine.target, tree.max_nodes + 1, kv_cache=engine.config.kv_cache)
         return cls(engine.target, engine.tokenizer, engine.draft, engine.config, tree, cost_curve)
 
     def _depth_cap(self) -> int:
@@ -432,7 +416,17 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         return TreeStats(accepted_per_position=[0] * self._depth_cap(), prompt_tokens=prompt_tokens)
 
     def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> TreeDrafter:
-        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration)
+        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache)
+
+    def _round_rows(self) -> int:
+        """The most rows one tree forward appends to the target cache: the whole tree, root included."""
+        cfg, size, level = self.tree_config, 0, 1
+        if cfg.shape == "dynamic":
+            return cfg.max_nodes + 1
+        for b in cfg.branching:
+            level *= b
+            size += level
+        return size + 1
 
     def _round(self, tokens: list[int], out_len: int, cache: DynamicCache, drafter: TreeDrafter | None,
                params: SamplingParams, generator: torch.Generator, teacher: Teacher,

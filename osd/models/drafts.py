@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from osd.config import ModelConfig
-from osd.models.loading import ModelLoadError, load_causal_lm, parse_dtype
+from osd.models.loading import ModelLoadError, load_causal_lm, load_target
 
 
 def build_self_draft(target: PreTrainedModel, layers: int | list[int] = 2) -> PreTrainedModel:
@@ -207,7 +207,7 @@ def build_draft_template(models: ModelConfig) -> DraftModel:
     """The draft as a replica builds it (same construction, so registry drafts fit), without keeping the target."""
     if models.draft == "none":
         raise ValueError("the trainer needs a draft to distil: set models.draft to 'self' or a model, not 'none'")
-    target = load_causal_lm(models.target, device=models.device, dtype=parse_dtype(models.dtype))
+    target = load_target(models, layout=False)  # the replica's dtype ("auto" resolved the same way)
     shortlist = load_shortlist(models.shortlist) if models.shortlist else None
     draft = build_draft(target, models.draft, models.draft_layers, shortlist)
     del target

@@ -42,11 +42,84 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OSD_CACHE_DIR", Path.home() / ".cache" / "osd"))
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(dtypes)}")
-    return dtypes[name]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name as a torch dtype; "auto" is resolved for ``device`` (resolve_dtype)."""
+    if name == "auto":
+        return resolve_dtype(name, device)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[name]
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where they cannot be read (not Linux, not x86)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def dtype_choice(name: str, device: str | torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, why) for a configured dtype name on ``device``; see resolve_dtype."""
+    if name != "auto":
+        return parse_dtype(name), "configured"
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "auto: CUDA bf16") if ok else (torch.float32, "auto: CUDA without bf16")
+    if device.type == "cpu":
+        flags = cpu_flags()
+        if flags is None:
+            return torch.float32, "auto: CPU flags unknown"
+        if "amx_bf16" in flags:
+            return torch.bfloat16, "auto: AMX-BF16"
+        if "avx512_bf16" in flags:
+            return torch.bfloat16, "auto: AVX512-BF16"
+        return torch.float32, "auto: no bf16 instructions"
+    return torch.float32, f"auto: {device.type}"
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The weights dtype for a configured name: "auto" (the default) is bfloat16 where the hardware
+    does it well, float32 otherwise.
+
+    bfloat16 on CUDA devices that support it and on CPUs with AVX512-BF16 or AMX-BF16 (the
+    flags read from /proc/cpuinfo; unknown flags mean float32). Measured on an AVX512-BF16
+    CPU (SmolLM2, 2 threads, 200-token cache): bf16 is ~1.3x faster than fp32 for one token
+    and its cost for k new tokens stays nearly flat to k=8, which is what verification needs.
+    Without those instructions bf16 matmuls are emulated and slower than fp32.
+    """
+    return dtype_choice(name, device)[0]
+
+
+def wants_transposed_layout(setting: bool | None, model: nn.Module) -> bool:
+    """ModelConfig.transpose_weights: None = only float32 on CPU, where MKL needs the [in, out]
+    layout for a flat multi-token cost (transpose_linear_weights); bf16 runs faster in the
+    standard layout (measured, see osd.decoding.cost)."""
+    if setting is not None:
+        return setting
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+def load_target(models, layout: bool = True) -> PreTrainedModel:
+    """The configured target (``models``: an osd.config.ModelConfig) in its resolved dtype and,
+    with ``layout``, its weight layout (wants_transposed_layout); the choice is logged here."""
+    dtype, why = dtype_choice(models.dtype, models.device)
+    target = load_causal_lm(models.target, device=models.device, dtype=dtype)
+    transposed = layout and wants_transposed_layout(models.transpose_weights, target)
+    if transposed:
+        transpose_linear_weights(target)
+    log.info("osd: target %s on %s in %s (%s)%s", models.target, target.device, str(dtype).removeprefix("torch."),
+             why, ", [in, out] weight layout" if transposed else "")
+    return target
 
 
 def _packaged_smollm2_dir() -> Path:

@@ -202,6 +202,7 @@ class OsdStats(BaseModel):
     mean_acceptance_length: float = Field(description="1 + accepted / rounds (vLLM's convention).")
     alpha_hat: float | None = Field(description="Mean Σ min(p, q) over verified positions; None without a draft.")
     target_forwards: int = Field(description="Target decode forwards (prefill excluded).")
+    dtype: str = Field(description="Weights dtype the target ran in, e.g. 'bfloat16' (ModelConfig.dtype 'auto' resolved).")
 
 
 class CompletionChoice(BaseModel):

@@ -112,6 +112,7 @@ class ServingCore:
         self.buffer = buffer  # only read, for the backlog gauges on /metrics
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
+        self.dtype = str(engine.target.dtype).removeprefix("torch.")  # what /health and each response's osd report
         self.recorder = recorder
         self.registry = registry
         self.vocab_size = int(engine.target.config.vocab_size)
@@ -253,7 +254,7 @@ class ServingCore:
         s = gen.stats
         return OsdStats(draft_version=live.version, cluster=cluster, draft_cluster=live.lineage, proposed=s.proposed, accepted=s.accepted,
                         rounds=s.rounds, mean_acceptance_length=s.mean_acceptance_length, alpha_hat=s.alpha_hat,
-                        target_forwards=s.target_forwards)
+                        target_forwards=s.target_forwards, dtype=self.dtype)
 
     def chunk(self, prep: PreparedRequest, content: str | Delta | None, finish_reason: str | None = None,
                osd: OsdStats | None = None, usage: Usage | None = None) -> CompletionChunk | ChatCompletionChunk:
@@ -420,8 +421,13 @@ class ServingCore:
 
     def health(self) -> dict:
         with self._pair_lock:
-            drafts = {c: d.version for c, d in self._drafts.items()}
-        return {"status": "ok", "model": self.model_name, "drafts": drafts, **self.load()}
+            pairs = dict(self._drafts)
+        drafts = {c: d.version for c, d in pairs.items()}
+        # Per cluster draft: does speculation pay here (the governor's estimates), or is it backed off?
+        governors = {c: g.describe() for c, d in pairs.items()
+                     if d.draft is not None and (g := self.engine.governor(d.draft)) is not None}
+        return {"status": "ok", "model": self.model_name, "dtype": self.dtype, "drafts": drafts,
+                "speculation": {"mode": self.engine.config.speculation, "drafts": governors}, **self.load()}
 
     def metrics_text(self) -> str:
         with self._pair_lock:

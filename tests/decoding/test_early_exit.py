@@ -35,7 +35,7 @@ def shared_draft(target, adapter_noise: float = 0.0, adapter_layers: int = 1, sh
 
 
 def early_engine(target, draft, gamma: int = 4, threshold: float = 0.0, engine_cls=EarlyExitEngine, **config):
-    base = SpeculativeEngine(target, CharTokenizer(), None, EngineConfig(gamma=gamma, **config))
+    base = SpeculativeEngine(target, CharTokenizer(), None, EngineConfig(speculation="always", gamma=gamma, **config))
     return engine_cls.from_engine(base, SHARED, threshold, draft)
 
 
@@ -62,7 +62,7 @@ def test_greedy_equals_target_greedy(gamma):
 def test_transposed_target_layout_is_accepted_and_lossless():
     """build_engine lays CPU target weights out transposed; the draft built from it has the standard layout."""
     target = transpose_linear_weights(tiny_llama(vocab=64, layers=4, sharpness=3.0))
-    base = SpeculativeEngine(target, CharTokenizer(), None, EngineConfig(gamma=3))
+    base = SpeculativeEngine(target, CharTokenizer(), None, EngineConfig(speculation="always", gamma=3))
     engine = EarlyExitEngine.from_engine(base, SHARED, exit_threshold=0.2)  # the default, untrained draft
     assert len(engine.draft.model.model.layers) == SHARED + 1
     prompt = [3, 1, 4, 1, 5]
@@ -297,7 +297,7 @@ def test_shared_layers_run_only_for_the_pending_and_drafted_tokens():
     handle = draft.model.model.layers[0].register_forward_hook(lambda m, a, out: positions.append(out.shape[1]))
     prompt, params = list(range(1, 21)), SamplingParams(max_tokens=40)
     try:
-        plain = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=4)).generate(prompt, params)
+        plain = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=4)).generate(prompt, params)
         plain_positions = sum(positions)
         positions.clear()
         early = early_engine(target, draft, gamma=4).generate(prompt, params)

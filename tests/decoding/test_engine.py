@@ -16,7 +16,7 @@ def test_greedy_equals_target_greedy(gamma):
     target, draft = tiny_pair(vocab=64, sharpness=3.0)
     agreeing = noisy_copy(target, noise=0.3)  # accepts often, so multi-token accepts and bonus tokens occur
     for d in (draft, agreeing):
-        engine = SpeculativeEngine(target, CharTokenizer(), d, EngineConfig(gamma=gamma))
+        engine = SpeculativeEngine(target, CharTokenizer(), d, EngineConfig(speculation="always", gamma=gamma))
         for prompt in random_prompts(6, 64, seed=gamma):
             out = engine.generate(prompt, SamplingParams(max_tokens=24))
             assert out.output_ids == hf_greedy(target, prompt, 24)
@@ -36,7 +36,7 @@ def test_kv_cache_lengths_every_round(monkeypatch):
 
     monkeypatch.setattr("osd.decoding.engine.crop_cache", recording_crop)
     monkeypatch.setattr("osd.decoding.drafting.crop_cache", recording_crop)
-    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=4))
+    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=4))
     engine.generate([3, 1, 4, 1, 5], SamplingParams(max_tokens=30, temperature=0.8, seed=0))
     assert len(seen) > 10
     # Every crop leaves exactly the committed length (or less for a draft that is one behind).
@@ -53,7 +53,7 @@ def test_eos_inside_an_accepted_block_ends_the_output_there():
     target.generation_config.eos_token_id = eos
     first = reference.index(eos)
     # A draft identical to the target accepts all γ=6 proposals, so EOS lands mid-block.
-    engine = SpeculativeEngine(target, CharTokenizer(eos), noisy_copy(target, noise=0.0), EngineConfig(gamma=6))
+    engine = SpeculativeEngine(target, CharTokenizer(eos), noisy_copy(target, noise=0.0), EngineConfig(speculation="always", gamma=6))
     out = engine.generate(prompt, SamplingParams(max_tokens=12))
     assert out.output_ids == reference[: first + 1]
     assert out.finish_reason == "stop"
@@ -67,7 +67,7 @@ def test_stop_string_truncates_text_and_tokens():
     reference = hf_greedy(target, prompt, 16)
     text = CharTokenizer().decode(reference)
     stop = text[5:7]
-    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.2), EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.2), EngineConfig(speculation="always", gamma=3))
     out = engine.generate(prompt, SamplingParams(max_tokens=16, stop=[stop]))
     assert out.finish_reason == "stop"
     assert out.text == text[: text.find(stop)]
@@ -77,7 +77,7 @@ def test_stop_string_truncates_text_and_tokens():
 
 def test_training_record_matches_a_fresh_target_forward():
     target, _ = tiny_pair(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(gamma=3, teacher_top_k=16))
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(speculation="always", gamma=3, teacher_top_k=16))
     prompt = [7, 3, 9, 1]
     out = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=3))
     rec = out.record
@@ -100,7 +100,7 @@ def test_training_record_matches_a_fresh_target_forward():
 
 def test_stats_are_consistent():
     target, _ = tiny_pair(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(gamma=4))
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(speculation="always", gamma=4))
     s = engine.generate([1, 2, 3], SamplingParams(max_tokens=40)).stats
     assert s.rounds * 4 >= s.proposed >= s.accepted
     assert s.accepted == sum(s.accepted_per_position)
@@ -131,7 +131,7 @@ def test_sampled_sequences_follow_the_target(gamma, temperature, top_p, top_k):
     draft = noisy_copy(target, noise=1.0)
     prompt = [1, 2]
     params = dict(max_tokens=gamma + 1, temperature=temperature, top_p=top_p, top_k=top_k)
-    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=gamma, record=False))
+    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=gamma, record=False))
     counts, outs = sample_outputs(engine, prompt, params, SAMPLES)
     accepted = sum(o.stats.accepted for o in outs)
     assert_distributed_as_target(counts, SAMPLES, target, draft.model, prompt, SamplingParams(**params))
@@ -164,7 +164,7 @@ def test_bad_sampling_params(field, value, message):
 
 def test_on_tokens_streams_every_committed_token():
     target, _ = tiny_pair(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.3), EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.3), EngineConfig(speculation="always", gamma=3))
     streamed = []
     out = engine.generate([1, 2, 3], SamplingParams(max_tokens=20), on_tokens=streamed.append)
     flat = [t for chunk in streamed for t in chunk]

@@ -29,7 +29,7 @@ V = 32
 def engine_with(policy: str, draft_noise: float = 0.6, **config) -> SpeculativeEngine:
     target = tiny_llama(V, 2, seed=0, sharpness=4.0)
     return SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, noise=draft_noise),
-                             EngineConfig(gamma=3, length_policy=policy, max_gamma=8, **config))
+                             EngineConfig(speculation="always", gamma=3, length_policy=policy, max_gamma=8, **config))
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -91,7 +91,7 @@ def test_stopping_never_sees_the_target(policy):
     target's verdicts reach a policy only through observe, after verifying."""
     draft = noisy_copy(tiny_llama(V, 2, seed=0, sharpness=4.0), noise=0.6)
     draft.acceptance_head = AcceptanceHead(draft.config.hidden_size)
-    config = EngineConfig(gamma=3, length_policy=policy, max_gamma=8, confidence_threshold=0.09, head_threshold=0.5)
+    config = EngineConfig(speculation="always", gamma=3, length_policy=policy, max_gamma=8, confidence_threshold=0.09, head_threshold=0.5)
     first_rounds = []
     for target_seed in (0, 5):
         engine = SpeculativeEngine(tiny_llama(V, 2, seed=target_seed, sharpness=4.0), CharTokenizer(), draft, config)
@@ -106,7 +106,7 @@ def test_sampled_output_follows_the_target_under_confidence_stopping():
     draft = noisy_copy(target, noise=2.0)
     params = dict(max_tokens=4, temperature=0.7, top_p=0.9, top_k=0)
     engine = SpeculativeEngine(target, CharTokenizer(), draft,
-                               EngineConfig(gamma=2, length_policy="confidence", confidence_threshold=0.34,
+                               EngineConfig(speculation="always", gamma=2, length_policy="confidence", confidence_threshold=0.34,
                                             max_gamma=2))
     counts, outs = sample_outputs(engine, [1, 2], params, 1200)
     lengths = {len(r.proposed) for o in outs for r in o.record.rounds}
@@ -159,10 +159,10 @@ def test_return_hidden_gives_the_same_logits():
 
 def test_adaptive_policy_needs_a_cap_that_covers_gamma():
     with pytest.raises(ValidationError, match="max_gamma"):
-        EngineConfig(gamma=6, max_gamma=4, length_policy="schedule")
-    assert EngineConfig(gamma=6, max_gamma=4).round_cap == 6  # fixed ignores max_gamma
+        EngineConfig(speculation="always", gamma=6, max_gamma=4, length_policy="schedule")
+    assert EngineConfig(speculation="always", gamma=6, max_gamma=4).round_cap == 6  # fixed ignores max_gamma
     with pytest.raises(ValidationError, match="chains only"):
-        EngineConfig(length_policy="confidence", tree={"shape": "static"})
+        EngineConfig(speculation="always", length_policy="confidence", tree={"shape": "static"})
 
 
 def test_the_head_trains_online_and_ships_with_the_draft(tmp_path):

@@ -335,7 +335,7 @@ def test_greedy_tree_decoding_equals_target_greedy(tree):
     target, draft = tiny_pair(vocab=64, sharpness=3.0)
     agreeing = noisy_copy(target, noise=0.5)
     for d in (draft, agreeing):
-        engine = TreeSpeculativeEngine(target, CharTokenizer(), d, EngineConfig(), tree, cost_curve=FLAT)
+        engine = TreeSpeculativeEngine(target, CharTokenizer(), d, EngineConfig(speculation="always"), tree, cost_curve=FLAT)
         for prompt in prompts(4, 64, seed=len(tree.branching)):
             out = engine.generate(prompt, SamplingParams(max_tokens=20))
             assert out.output_ids == hf_greedy(target, prompt, 20)
@@ -344,7 +344,7 @@ def test_greedy_tree_decoding_equals_target_greedy(tree):
 
 def test_from_engine_shares_models_and_config():
     target, draft = tiny_pair(vocab=64)
-    chain = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=3, teacher_top_k=8))
+    chain = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=3, teacher_top_k=8))
     tree = TreeSpeculativeEngine.from_engine(chain, DYNAMIC)
     assert tree.target is target and tree.draft is draft and tree.config == chain.config
     assert tree.cost_curve and min(tree.cost_curve) == 1 and max(tree.cost_curve) == DYNAMIC.max_nodes + 1
@@ -353,7 +353,7 @@ def test_from_engine_shares_models_and_config():
 def test_kv_cache_after_a_round_equals_a_fresh_forward():
     target = tiny_llama(vocab=64, sharpness=3.0)
     draft = noisy_copy(target, noise=0.5)
-    engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(), STATIC)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always"), STATIC)
     params = SamplingParams(max_tokens=30, temperature=0.9, seed=0)
     gen = torch.Generator().manual_seed(0)
     tokens = [5, 9, 2, 7]
@@ -398,7 +398,7 @@ def test_draft_distributions_at_tree_nodes_match_causal_forwards():
 def test_training_record_matches_a_fresh_target_forward():
     target = tiny_llama(vocab=64, sharpness=3.0)
     engine = TreeSpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5),
-                                   EngineConfig(teacher_top_k=16), DYNAMIC, cost_curve=FLAT)
+                                   EngineConfig(speculation="always", teacher_top_k=16), DYNAMIC, cost_curve=FLAT)
     prompt = [7, 3, 9, 1]
     out = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=3))
     rec = out.record
@@ -416,7 +416,7 @@ def test_training_record_matches_a_fresh_target_forward():
 def test_stats_are_consistent(tree):
     target = tiny_llama(vocab=64, sharpness=3.0)
     config = tree.model_copy(update={"alpha_star": True})
-    engine = TreeSpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(), config, FLAT)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(speculation="always"), config, FLAT)
     s = engine.generate([1, 2, 3], SamplingParams(max_tokens=40, temperature=0.8, seed=1)).stats
     assert s.output_tokens == s.accepted + s.target_forwards
     assert s.accepted == sum(s.accepted_per_position) == s.node_accepts <= s.node_trials
@@ -445,7 +445,7 @@ def test_dynamic_trees_grow_with_a_flat_cost_curve():
     sizes = {}
     config = TreeConfig(shape="dynamic", top_k=4, max_depth=4, max_nodes=32)
     for name, curve in {"flat": FLAT, "steep": {k: 10.0 * k for k in (1, 2, 64)}}.items():
-        engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(), config, curve)
+        engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always"), config, curve)
         s = engine.generate([1, 2, 3], SamplingParams(max_tokens=24)).stats
         sizes[name] = sum(s.budgets) / max(1, len(s.budgets))
     assert sizes["flat"] > 2 * sizes["steep"]
@@ -476,7 +476,7 @@ def test_sampled_sequences_follow_the_target(tree, temperature, top_p, top_k):
     draft = noisy_copy(target, noise=1.5)  # 1.0 left the static case's power marginal (miss 0.14)
     prompt = [1, 2]
     params = dict(max_tokens=3, temperature=temperature, top_p=top_p, top_k=top_k)
-    engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(record=False), tree, FLAT)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", record=False), tree, FLAT)
     counts, outs = sample_outputs(engine, prompt, params, SAMPLES)
     accepted, full = sum(o.stats.accepted for o in outs), sum(o.stats.accepted == 2 for o in outs)
     assert_distributed_as_target(counts, SAMPLES, target, draft.model, prompt, SamplingParams(**params))
@@ -499,7 +499,7 @@ def test_bench_trees_on_tiny_models():
     from bench.trees import bench_trees, render_markdown
 
     target = tiny_llama(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, CharTokenizer(), noisy_copy(target, 0.5), EngineConfig(speculation="always", gamma=3))
     small = dict(static=TreeConfig(shape="static", branching=[2, 2]), dynamic=TreeConfig(max_depth=3, max_nodes=8))
     result = bench_trees(engine, prompts(2, 64), SamplingParams(max_tokens=10), cost_curve=FLAT, progress=False, **small)
     s = result["summary"]

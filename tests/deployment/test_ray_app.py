@@ -98,7 +98,7 @@ def test_trainer_loop_recovers_its_pending_records_after_a_crash(model_dir, tmp_
     """No Ray: a loop dies between training and acking; a new loop with the same consumer name
     re-reads those entries first, trains on them and acks every record exactly once."""
     models = model_config(model_dir)
-    target_engine = build_engine(models, EngineConfig(gamma=3))
+    target_engine = build_engine(models, EngineConfig(speculation="always", gamma=3))
     core = ServingCore(target_engine, MODEL)
     distill = DistillConfig(update_interval=3, holdout_fraction=0.25, batch_size=4, gate_margin=1.0)
     settings = TrainerSettings(poll_interval_s=0.05, read_count=5, flush_idle_s=0.01, pause_when_busy=False)
@@ -153,7 +153,7 @@ def app(ray_session, redis_server, model_dir, tmp_path_factory):
     config = OsdAppConfig(
         model_name=MODEL,
         models=model_config(model_dir),
-        engine=EngineConfig(gamma=4),
+        engine=EngineConfig(speculation="always", gamma=4),
         redis_url=redis_server.url,
         buffer=BufferConfig(socket_timeout_s=2.0, socket_connect_timeout_s=0.5),
         distill=DistillConfig(update_interval=4, holdout_fraction=0.25, batch_size=4, gate_margin=1.0),
@@ -170,7 +170,7 @@ def app(ray_session, redis_server, model_dir, tmp_path_factory):
     supervisor = serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP)
     assert supervisor.pause.remote().result(timeout_s=60)["paused"]
     print(f"app deployed in {time.monotonic() - start:.1f}s")
-    reference = build_engine(ModelConfig(target=str(model_dir), draft="none"), EngineConfig())
+    reference = build_engine(ModelConfig(target=str(model_dir), draft="none"), EngineConfig(speculation="always"))
     http = httpx.Client(base_url=ray_session, timeout=30)
     client = openai.OpenAI(base_url=f"{ray_session}/v1", api_key="x", max_retries=0, timeout=30)
     yield dict(server=server, supervisor=supervisor, redis=rclient, http=http, client=client, spool=spool,
@@ -459,7 +459,7 @@ def test_replica_router_and_shared_base_come_from_the_app_config(model_dir, redi
 
     from actors.serve_app import _router, _shared_base
 
-    engine = build_engine(model_config(model_dir), EngineConfig(gamma=3))
+    engine = build_engine(model_config(model_dir), EngineConfig(speculation="always", gamma=3))
     off = OsdAppConfig(redis_url=redis_url, models=model_config(model_dir))
     assert _router(off, engine) is None and _shared_base(off, engine) is None
     on = off.model_copy(update={"router": off.router.model_copy(update={"enabled": True, "num_clusters": 2})})
@@ -476,4 +476,4 @@ def test_replica_router_and_shared_base_come_from_the_app_config(model_dir, redi
     shared = _shared_base(lora, engine)
     assert shared.base_draft() is not None and shared.memory_bytes()["adapters"] == {}
     with pytest.raises(ValueError, match="models.draft is 'none'"):
-        _shared_base(lora, build_engine(ModelConfig(target=str(model_dir), draft="none"), EngineConfig()))
+        _shared_base(lora, build_engine(ModelConfig(target=str(model_dir), draft="none"), EngineConfig(speculation="always")))

@@ -82,7 +82,7 @@ def test_trained_adapter_equals_the_distillers_merged_draft():
     cfg = DistillConfig(mode="lora", lora_rank=4, lora_alpha=8.0, lr=3e-2, update_interval=4, steps_per_update=4,
                         holdout_fraction=0.0)
     distiller = OnlineDistiller(live, cfg)
-    engine = SpeculativeEngine(target, CharTokenizer(), live, EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, CharTokenizer(), live, EngineConfig(speculation="always", gamma=3))
     for i, prompt in enumerate([[1, 2, 3], [9, 8], [4, 40, 7, 7], [33, 2, 19], [5], [60, 61, 0], [12, 13], [3, 3, 3]]):
         distiller.add(engine.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=i)).record)
     assert distiller.updates == 2
@@ -149,10 +149,10 @@ def test_speculative_decoding_with_an_adapter_draft_is_lossless(tree):
     pristine, shared = wrapped(noisy_copy(target, noise=0.5))
     draft = shared.add("code", 3, random_adapter(shared, 5, scale=0.1))
     if tree:
-        engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(),
+        engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always"),
                                        TreeConfig(shape="static", branching=[3, 2, 1]), cost_curve={1: 10.0, 256: 10.0})
     else:
-        engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(gamma=4))
+        engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=4))
     accepted = 0
     for prompt in ([1, 2, 3], [40, 7], [9, 9, 9, 9, 2]):
         out = engine.generate(prompt, SamplingParams(max_tokens=20), cluster="code", draft_version=draft.version)

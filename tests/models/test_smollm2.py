@@ -23,7 +23,7 @@ def test_self_draft_is_an_independent_copy_of_the_first_layers(smollm2):
 
 def test_greedy_equals_target_on_spec_bench(smollm2, all_threads):
     target, tokenizer, draft = smollm2
-    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(gamma=4))
+    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(speculation="always", gamma=4))
     for q in spread_across_categories(load_questions(), 3):
         prompt = chat_prompt_ids(tokenizer, q["turns"][0])
         out = engine.generate(prompt, SamplingParams(max_tokens=64))
@@ -44,7 +44,7 @@ def test_shortlist_head_stays_lossless(smollm2, all_threads):
     outside = torch.ones(logits.shape[-1], dtype=torch.bool)
     outside[short.shortlist] = False
     assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
-    out = SpeculativeEngine(target, tokenizer, short, EngineConfig(gamma=3)).generate(prompt, SamplingParams(max_tokens=24))
+    out = SpeculativeEngine(target, tokenizer, short, EngineConfig(speculation="always", gamma=3)).generate(prompt, SamplingParams(max_tokens=24))
     assert out.output_ids == ref.tolist()
 
 

@@ -47,7 +47,7 @@ def live(redis_server):
     redis.Redis.from_url(redis_server.url).flushall()
     tokenizer = char_tokenizer(64)
     target = tiny_llama(vocab=64, sharpness=3.0)
-    engine = SpeculativeEngine(target, tokenizer, noisy_copy(target, noise=0.6), EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, tokenizer, noisy_copy(target, noise=0.6), EngineConfig(speculation="always", gamma=3))
     buffer = RecordBuffer(BufferConfig(redis_url=redis_server.url))
     registry = DraftRegistry.from_config(RegistryConfig(backend="redis", redis_url=redis_server.url))
     dashboard = DashboardStore.from_url(redis_server.url, DashboardConfig(window=10, backlog_interval_s=0.01))

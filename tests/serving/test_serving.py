@@ -45,7 +45,7 @@ def stack(tmp_path_factory):
     tokenizer = char_tokenizer(64)
     target = tiny_llama(vocab=64, sharpness=3.0)
     draft = noisy_copy(target, noise=0.3)  # agrees often: accepted tokens and bonus tokens occur
-    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(gamma=4))
+    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(speculation="always", gamma=4))
     reference = SpeculativeEngine(target, tokenizer, None)  # target-only: the greedy truth
     registry = DraftRegistry(FileStore(tmp_path_factory.mktemp("registry")))
     sink = ListSink()
@@ -86,6 +86,17 @@ def test_models_and_health(stack):
     assert [m.id for m in stack["client"].models.list()] == [MODEL]
     health = stack["http"].get("/health").json()
     assert health["status"] == "ok" and "global" in health["drafts"]
+    assert health["dtype"] == "float32"  # the tiny target's; ModelConfig.dtype "auto" is resolved at load
+    assert health["speculation"] == {"mode": "always", "drafts": {}}  # no governor: every round drafts
+
+
+def test_a_bf16_engine_reports_bfloat16():
+    target = tiny_llama(vocab=64, sharpness=3.0).to(torch.bfloat16)
+    core = ServingCore(SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=0.3)), MODEL)
+    assert core.health()["dtype"] == "bfloat16"
+    assert core.complete({"model": MODEL, "prompt": "abc", "max_tokens": 4})["osd"]["dtype"] == "bfloat16"
+    speculation = core.health()["speculation"]  # the default mode: the governor's estimates per cluster draft
+    assert speculation["mode"] == "auto" and speculation["drafts"]["global"]["rounds"]["speculative"] >= 1
 
 
 def test_completion_greedy_equals_target_and_carries_stats(stack):
@@ -100,13 +111,14 @@ def test_completion_greedy_equals_target_and_carries_stats(stack):
     assert osd["draft_version"] == core.live_draft().version and osd["cluster"] == "global"
     assert osd["proposed"] > 0 and 0 < osd["accepted"] <= osd["proposed"]
     assert osd["mean_acceptance_length"] > 1 and 0 < osd["alpha_hat"] <= 1 and osd["target_forwards"] > 0
+    assert osd["dtype"] == str(stack["target"].dtype).removeprefix("torch.") == "float32"
     # token-id prompts work too
     resp = stack["client"].completions.create(model=MODEL, prompt=core.encode_prompt(prompt), **GREEDY)
     assert resp.choices[0].text == want_text
 
 
-@pytest.mark.parametrize("config", [EngineConfig(tree=TreeConfig(shape="static", branching=[3, 2, 1])),
-                                    EngineConfig(gamma=2, length_policy="schedule", max_gamma=6)],
+@pytest.mark.parametrize("config", [EngineConfig(speculation="always", tree=TreeConfig(shape="static", branching=[3, 2, 1])),
+                                    EngineConfig(speculation="always", gamma=2, length_policy="schedule", max_gamma=6)],
                          ids=["static-tree", "schedule"])
 def test_tree_and_adaptive_engines_serve_the_targets_output(stack, config):
     """The same endpoint over a tree engine and an adaptive-length chain: greedy is the target's

@@ -71,7 +71,7 @@ def tiny_engine(noise: float = 0.3, gamma: int = 4):
     from osd.decoding.engine import SpeculativeEngine
 
     target = tiny_llama(vocab=64, sharpness=3.0)
-    return SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=noise), EngineConfig(gamma=gamma))
+    return SpeculativeEngine(target, char_tokenizer(64), noisy_copy(target, noise=noise), EngineConfig(speculation="always", gamma=gamma))
 
 
 def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:

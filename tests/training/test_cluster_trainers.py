@@ -42,7 +42,7 @@ def stack(redis_url, tmp_path):
     tokenizer = char_tokenizer(64)
     target = tiny_llama(vocab=64, sharpness=3.0)
     draft = noisy_copy(target, noise=0.6)
-    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, tokenizer, draft, EngineConfig(speculation="always", gamma=3))
     bconf = BufferConfig(redis_url=redis_url)
     registry = DraftRegistry(FileStore(tmp_path / "registry"))
     settings = TrainerSettings(poll_interval_s=0.05, read_count=8, flush_idle_s=0.01, pause_when_busy=False,
@@ -136,8 +136,8 @@ def test_shared_base_mode_trains_publishes_and_serves_adapters(redis_url, tmp_pa
     distill = DistillConfig(mode="lora", lora_rank=4, update_interval=3, holdout_fraction=0.25, batch_size=4,
                             gate_margin=1.0, lr=1e-2)
     shared = SharedBaseDrafts(noisy_copy(target, noise=0.6), AdapterSpec.from_distill_config(distill))
-    engine = SpeculativeEngine(target, tokenizer, None, EngineConfig(gamma=3))
-    reference = SpeculativeEngine(target, tokenizer, None, EngineConfig())
+    engine = SpeculativeEngine(target, tokenizer, None, EngineConfig(speculation="always", gamma=3))
+    reference = SpeculativeEngine(target, tokenizer, None, EngineConfig(speculation="always"))
     bconf = BufferConfig(redis_url=redis_url)
     registry = DraftRegistry(FileStore(tmp_path / "registry"))
     recorder = Recorder(RecordBuffer(bconf))

@@ -67,7 +67,7 @@ def run_mode(target, redis_url: str, tmp_path, stream, heldout, routed: bool) ->
 
     redis.Redis.from_url(redis_url).flushall()
     draft = DraftModel(build_self_draft(target, 1))
-    engine = SpeculativeEngine(target, char_tokenizer(VOCAB), draft, EngineConfig(gamma=3))
+    engine = SpeculativeEngine(target, char_tokenizer(VOCAB), draft, EngineConfig(speculation="always", gamma=3))
     bconf = BufferConfig(redis_url=redis_url)
     registry = DraftRegistry(FileStore(tmp_path / ("routed" if routed else "shared")))
     router = (Router(RouterConfig(num_clusters=2), target.get_input_embeddings().weight, redis_url)

@@ -31,7 +31,7 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def make_engine(draft: DraftModel | None) -> SpeculativeEngine:
-    return SpeculativeEngine(tiny_llama(V, 2, seed=0, sharpness=SHARP), CharTokenizer(), draft, EngineConfig(gamma=4))
+    return SpeculativeEngine(tiny_llama(V, 2, seed=0, sharpness=SHARP), CharTokenizer(), draft, EngineConfig(speculation="always", gamma=4))
 
 
 def random_draft(seed: int = 1) -> DraftModel:
@@ -110,7 +110,7 @@ def test_student_rows_line_up_with_teacher_rows():
 def test_gate_refuses_a_worse_candidate_and_promotes_a_better_one():
     target = tiny_llama(V, 2, seed=0, sharpness=SHARP)
     live = noisy_copy(target, noise=0.5)
-    engine = SpeculativeEngine(target, CharTokenizer(), live, EngineConfig(gamma=4))
+    engine = SpeculativeEngine(target, CharTokenizer(), live, EngineConfig(speculation="always", gamma=4))
     holdout = records(engine, 6, seed=4)
     scrambled = copy.deepcopy(live)
     with torch.no_grad():
@@ -136,8 +136,8 @@ def test_gate_judges_recent_traffic_after_a_shift():
     records alike keeps the draft of the old traffic; a short half-life follows the shift."""
     old_target, new_target = tiny_llama(V, 2, seed=0, sharpness=SHARP), tiny_llama(V, 2, seed=5, sharpness=SHARP)
     live, candidate = noisy_copy(old_target, noise=0.1), noisy_copy(new_target, noise=0.1)
-    old = records(SpeculativeEngine(old_target, CharTokenizer(), live, EngineConfig(gamma=4)), 6, seed=8)
-    new = records(SpeculativeEngine(new_target, CharTokenizer(), live, EngineConfig(gamma=4)), 2, seed=9)
+    old = records(SpeculativeEngine(old_target, CharTokenizer(), live, EngineConfig(speculation="always", gamma=4)), 6, seed=8)
+    new = records(SpeculativeEngine(new_target, CharTokenizer(), live, EngineConfig(speculation="always", gamma=4)), 2, seed=9)
     holdout, ages = old + new, [40, 35, 30, 25, 20, 15, 5, 0]  # oldest first, as the distiller keeps them
 
     alike = PromotionGate().decide(candidate, live, holdout, ages)
@@ -203,14 +203,14 @@ def test_on_policy_ratio_one_without_on_policy_rows_is_a_finite_no_op(loss):
     assert all(not r.on_policy_mask().any() for r in recs)
     live = random_draft()
     only_on_policy = OnlineDistiller(live, DistillConfig(loss=loss, on_policy_ratio=1.0, update_interval=4,
-                                                         holdout_fraction=0.0, lr=1e-2, weight_decay=0.1))
+                                                         holdout_fraction=0.0, lr=1e-2, weight_decay=0.1, steps_per_update=1))
     before = weights(only_on_policy.draft)
     (result,) = only_on_policy.add(recs)
     assert result.loss == 0.0 and result.steps == 0 and result.skipped_steps == 1 and result.on_policy_rows == 0
     assert all(torch.equal(v, only_on_policy.draft.state_dict()[k]) for k, v in before.items())
     # Half on-policy: the all-rows half still trains, finitely.
     mixed = OnlineDistiller(live, DistillConfig(loss=loss, on_policy_ratio=0.5, update_interval=4,
-                                                holdout_fraction=0.0, lr=1e-2))
+                                                holdout_fraction=0.0, lr=1e-2, steps_per_update=1))
     (result,) = mixed.add(recs)
     assert result.steps == 1 and 0.0 < result.loss < math.inf
     assert all(torch.isfinite(p).all() for p in mixed.draft.parameters())
