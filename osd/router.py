@@ -134,9 +134,7 @@ def template_affixes(tokenizer) -> tuple[list[int], list[int]]:
     Rendered once around a marker text, the same way ``data.chat_prompt_ids`` renders
     prompts, so ``Router(template=...)`` can strip exactly those tokens.
     """
-    from osd.data.workloads import (
-        chat_prompt_ids,  # local: data is light, but keep import-time minimal
-    )
+    from osd.data.workloads import chat_prompt_ids  # local: data is light, but keep import-time minimal
 
     with_marker = chat_prompt_ids(tokenizer, _TEMPLATE_MARKER)
     marker = tokenizer.encode(_TEMPLATE_MARKER, add_special_tokens=False)

@@ -163,10 +163,7 @@ class OnlineDistiller:
         hf = copy.deepcopy(draft.model).to(cfg.device)
         self._peft = None
         if cfg.mode == "lora":
-            from peft import (  # local: full mode must not need peft
-                LoraConfig,
-                get_peft_model,
-            )
+            from peft import LoraConfig, get_peft_model  # local: full mode must not need peft
 
             # get_peft_model adapts `hf`'s linears in place and freezes everything else.
             self._peft = get_peft_model(hf, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -301,9 +298,7 @@ class OnlineDistiller:
 
     def _train_acceptance_head(self, records: list[TrainingRecord]) -> None:
         """Refit SpecDec++'s head to the draft as it now is, warm-started, on the records just trained on."""
-        from trainers.acceptance_head import (
-            train_acceptance_head,  # it builds on this module
-        )
+        from trainers.acceptance_head import train_acceptance_head  # it builds on this module
 
         self.acceptance_head = train_acceptance_head(
             self.draft, records, greedy=self.config.acceptance_head == "greedy", head=self.acceptance_head,
@@ -378,9 +373,7 @@ class OnlineDistiller:
         if self._peft is None:
             raise ValueError("export_adapter_state_dict needs DistillConfig(mode='lora'): in mode='full' there is no "
                              "adapter, only whole weights; publish export_state_dict() instead")
-        from osd.models.adapters import (
-            adapter_state_dict,  # local: full mode must not need peft
-        )
+        from osd.models.adapters import adapter_state_dict  # local: full mode must not need peft
 
         dtype = self._peft.get_base_model().get_input_embeddings().weight.dtype  # base weights keep the draft dtype
         return {k: v.detach().to("cpu", dtype, copy=True) for k, v in adapter_state_dict(self._peft).items()}
@@ -394,9 +387,7 @@ class OnlineDistiller:
         """mode='lora' only: continue training from a published adapter (names as export_adapter_state_dict)."""
         if self._peft is None:
             raise ValueError("load_adapter_state_dict needs DistillConfig(mode='lora')")
-        from osd.models.adapters import (
-            load_adapter_state_dict,  # local: full mode must not need peft
-        )
+        from osd.models.adapters import load_adapter_state_dict  # local: full mode must not need peft
 
         load_adapter_state_dict(self._peft, state)
         with torch.no_grad():

@@ -18,8 +18,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from osd.config import EngineConfig, ModelConfig, SamplingParams
 from osd.data.records import DraftRound, TrainingRecord
-from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.drafting import Drafter, Proposal, crop_cache
+from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.kv_cache import make_cache
 from osd.decoding.sampling import warp_probs
 from osd.decoding.stopping import make_length_policy
@@ -331,8 +331,6 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
     chain = SpeculativeEngine(target, tokenizer, draft, engine)
     if chain.config.tree is None:
         return chain
-    from osd.decoding.tree_engine import (
-        TreeSpeculativeEngine,  # it builds on this module
-    )
+    from osd.decoding.tree_engine import TreeSpeculativeEngine  # it builds on this module
 
     return TreeSpeculativeEngine.from_engine(chain, chain.config.tree)  # measures the cost curve if it needs it

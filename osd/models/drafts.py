@@ -173,9 +173,7 @@ def published_state_dict(draft: DraftModel) -> dict[str, torch.Tensor]:
 def published_specs(template: DraftModel, names) -> dict[str, tuple[list[int], torch.dtype]]:
     """name -> (shape, dtype) a published version must match to load into ``template``'s construction;
     ``names``: the version's tensor names (a version with a head must carry exactly the head's tensors)."""
-    from osd.decoding.stopping import (
-        AcceptanceHead,  # local: stopping is the drafting side
-    )
+    from osd.decoding.stopping import AcceptanceHead  # local: stopping is the drafting side
 
     specs = {k: (list(v.shape), v.dtype) for k, v in template.model.state_dict().items()}
     if any(name.startswith(ACCEPTANCE_HEAD_PREFIX) for name in names):
