@@ -22,6 +22,7 @@ requests that draft serves, since a single request is too short to learn from.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 
@@ -56,7 +57,8 @@ class _Average:
 
 
 class SpeculationGovernor:
-    """The per-draft cap on γ; see the module docstring. Not thread-safe (the engine serialises requests)."""
+    """The per-draft cap on γ; see the module docstring. The engine serialises requests; the lock is for
+    /health, which reads the estimates from another thread while a request updates them."""
 
     def __init__(self, config: GovernorConfig | None = None) -> None:
         self.config = c = config or GovernorConfig()
@@ -66,6 +68,7 @@ class SpeculationGovernor:
         self.draft_step_s = _Average(c.time_memory)
         self.plain_streak = 0
         self.rounds = {"speculative": 0, "plain": 0}
+        self._lock = threading.Lock()
 
     # -- what it knows ----------------------------------------------------------------------
 
@@ -115,6 +118,10 @@ class SpeculationGovernor:
 
     def cap(self, limit: int) -> int:
         """The most tokens the next round may draft (≤ limit); 0 = decode plainly this round."""
+        with self._lock:
+            return self._cap(limit)
+
+    def _cap(self, limit: int) -> int:
         if limit <= 0:
             return 0
         best = self.best_gamma(limit)
@@ -133,6 +140,10 @@ class SpeculationGovernor:
         """One verified round: ``proposed`` drafted tokens (0 for plain decoding), ``accepted`` of them,
         the verification forward's seconds, and the drafting seconds (None when not representative,
         e.g. the draft caught up on many tokens first)."""
+        with self._lock:
+            self._observe(proposed, accepted, verify_s, draft_s)
+
+    def _observe(self, proposed: int, accepted: int, verify_s: float, draft_s: float | None) -> None:
         self.verify_s.setdefault(proposed + 1, _Average(self.config.time_memory)).add(verify_s)
         if proposed == 0:
             self.rounds["plain"] += 1
@@ -148,6 +159,10 @@ class SpeculationGovernor:
 
     def describe(self) -> dict:
         """What /health shows: the estimates and the current decision."""
+        with self._lock:
+            return self._describe()
+
+    def _describe(self) -> dict:
         best = self.best_gamma(32)
         return {"alpha": round(self.alpha, 4), "best_gamma": best,
                 "draft_step_ms": None if self.draft_step_s.value is None else round(self.draft_step_s.value * 1e3, 3),
