@@ -127,7 +127,7 @@ def generate_records(target, tokenizer, draft: DraftModel | None, prompts: Seque
                      s: ClustersBenchSettings, progress: bool = True) -> tuple[list[TrainingRecord], list[dict]]:
     """The engine (target + untrained draft, greedy) serves every prompt; returns (records, per-request stats)."""
     engine = SpeculativeEngine(target, tokenizer, draft,
-                               EngineConfig(gamma=s.gamma, teacher_top_k=s.teacher_top_k, record=True))
+                               EngineConfig(speculation="always", gamma=s.gamma, teacher_top_k=s.teacher_top_k, record=True))
     params = SamplingParams(max_tokens=s.max_tokens)
     engine.generate(prompts[0][:16], SamplingParams(max_tokens=4))  # warm-up: one-off kernel setup
     records, stats = [], []
@@ -438,7 +438,7 @@ def run_clusters_bench_command(args: argparse.Namespace) -> dict:
     stream_rows, held_rows = mixed_stream(load_questions(args.data, list(s.categories)), s.categories,
                                           s.stream_per_category, s.heldout_per_category, s.seed)
     engine = build_engine(ModelConfig(target=args.target, draft="none", device=args.device, dtype=args.dtype,
-                                      torch_threads=args.threads), EngineConfig(teacher_top_k=s.teacher_top_k))
+                                      torch_threads=args.threads), EngineConfig(speculation="always", teacher_top_k=s.teacher_top_k))
     target, tokenizer = engine.target, engine.tokenizer
     base = DraftModel(build_self_draft(target, args.draft_layers)).eval()
     rows = stream_rows + held_rows

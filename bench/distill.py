@@ -148,7 +148,7 @@ def _serve(engine: SpeculativeEngine, prompt: list[int], params: SamplingParams)
 def collect_records(target: PreTrainedModel, tokenizer, prompts: Sequence[list[int]], max_tokens: int,
                     top_k: int = 64, progress: bool = True) -> tuple[list[TrainingRecord], list[dict]]:
     """The target alone serves every prompt (greedy); returns (records, per-request timing)."""
-    engine = SpeculativeEngine(target, tokenizer, None, EngineConfig(teacher_top_k=top_k, record=True))
+    engine = SpeculativeEngine(target, tokenizer, None, EngineConfig(speculation="always", teacher_top_k=top_k, record=True))
     params = SamplingParams(max_tokens=max_tokens)
     _serve(engine, prompts[0][:16], SamplingParams(max_tokens=4))  # warm-up: one-off kernel setup
     records, timing = [], []
@@ -598,10 +598,10 @@ def compare_constructions(target, tokenizer, stream_records, heldout_records, he
         prompts = list(heldout_prompts[: s.e2e_prompts])
         log(f"[distill] phase B: measured tokens/s of {len(measured)} variants vs the target alone on "
             f"{len(prompts)} held-out prompts")
-        engines = {"target": SpeculativeEngine(target, tokenizer, None, EngineConfig(record=False))}
+        engines = {"target": SpeculativeEngine(target, tokenizer, None, EngineConfig(speculation="always", record=False))}
         for vv in measured:
             engines[vv["name"]] = SpeculativeEngine(target, tokenizer, trained[vv["name"]],
-                                                    EngineConfig(gamma=vv["gamma"], record=False))
+                                                    EngineConfig(speculation="always", gamma=vv["gamma"], record=False))
         e2e = serve_interleaved(engines, prompts, SamplingParams(max_tokens=s.max_tokens), "target", progress,
                                 "B: end to end")
         e2e_target = e2e["target"]
@@ -631,10 +631,10 @@ def online_run(target, tokenizer, cons: Construction, lr: float, gamma: int, sho
     params = SamplingParams(max_tokens=s.max_tokens)
     base = make_draft(target, cons)
     live = _view(base, shortlist).eval().requires_grad_(False)
-    plain = SpeculativeEngine(target, tokenizer, None, EngineConfig(record=False))
+    plain = SpeculativeEngine(target, tokenizer, None, EngineConfig(speculation="always", record=False))
 
     log(f"[distill] phase C: held-out BEFORE ({len(heldout_prompts)} prompts, untrained {cons.name}, γ={gamma})")
-    measure = SpeculativeEngine(target, tokenizer, live, EngineConfig(gamma=gamma, record=False))
+    measure = SpeculativeEngine(target, tokenizer, live, EngineConfig(speculation="always", gamma=gamma, record=False))
     before = serve_interleaved({"target": plain, "draft": measure}, heldout_prompts, params, "target", progress,
                                "C: held-out before")
     before_scores = score_draft(live, heldout_records, s.batch_size)
@@ -644,7 +644,7 @@ def online_run(target, tokenizer, cons: Construction, lr: float, gamma: int, sho
     gate = _CurveGate(distiller, heldout_records, shortlist, margin=config.gate_margin, batch_size=config.batch_size,
                       max_seq_len=config.max_seq_len, half_life=config.gate_half_life)
     engine = SpeculativeEngine(target, tokenizer, live,
-                               EngineConfig(gamma=gamma, teacher_top_k=s.teacher_top_k, record=True))
+                               EngineConfig(speculation="always", gamma=gamma, teacher_top_k=s.teacher_top_k, record=True))
     trained_at_request: list[int] = []
 
     def stream():
@@ -667,7 +667,7 @@ def online_run(target, tokenizer, cons: Construction, lr: float, gamma: int, sho
         w["records_trained_at_start"] = trained_at_request[first] if first < len(trained_at_request) else None
 
     log(f"[distill] phase C: held-out AFTER (live v{summary['live_version']})")
-    after_engine = SpeculativeEngine(target, tokenizer, engine.draft, EngineConfig(gamma=gamma, record=False))
+    after_engine = SpeculativeEngine(target, tokenizer, engine.draft, EngineConfig(speculation="always", gamma=gamma, record=False))
     after = serve_interleaved({"target": plain, "draft": after_engine}, heldout_prompts, params, "target", progress,
                               "C: held-out after")
     after_scores = score_draft(engine.draft, heldout_records, s.batch_size)
@@ -948,7 +948,7 @@ def run_distill_bench_command(args: argparse.Namespace) -> dict:
         raise ValueError("--stream and --heldout must both be at least 1")
     stream_rows, held_rows = rows[:n_stream], rows[len(rows) - n_held:]
     engine = build_engine(ModelConfig(target=args.target, draft="none", device=args.device, dtype=args.dtype,
-                                      torch_threads=args.threads), EngineConfig(teacher_top_k=s.teacher_top_k))
+                                      torch_threads=args.threads), EngineConfig(speculation="always", teacher_top_k=s.teacher_top_k))
     target, tokenizer = engine.target, engine.tokenizer
     stream_prompts = [chat_prompt_ids(tokenizer, r["turns"][0]) for r in stream_rows]
     held_prompts = [chat_prompt_ids(tokenizer, r["turns"][0]) for r in held_rows]

@@ -290,6 +290,7 @@ def drift_app_config(args: argparse.Namespace, redis_url: str, max_clients: int)
     from cli.models import model_configs
 
     models, engine = model_configs(args, torch_threads=0)  # replicas and trainer set their own threads
+    engine = engine.model_copy(update={"speculation": "always"})  # α is measured on every round, not on probes
     return OsdAppConfig(
         model_name="osd",
         models=models,

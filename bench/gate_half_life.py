@@ -50,7 +50,7 @@ def main() -> None:
     n_stream = len(records) * 3 // 4  # bench clusters stores the stream, then the held-out rows
     stream = {c: [r for r, k in zip(records[:n_stream], cats[:n_stream]) if k == c] for c in PHASES}
     held = {c: [r for r, k in zip(records[n_stream:], cats[n_stream:]) if k == c] for c in PHASES}
-    engine = build_engine(ModelConfig(target=meta["target"], draft="none", torch_threads=1), EngineConfig())
+    engine = build_engine(ModelConfig(target=meta["target"], draft="none", torch_threads=1), EngineConfig(speculation="always"))
     base = DraftModel(build_self_draft(engine.target, meta["draft_layers"])).eval()
     results = {h: replay(base, stream, held, float(h)) for h in sys.argv[1:] or ["0", "16"]}
     print(json.dumps(results))

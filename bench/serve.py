@@ -388,6 +388,7 @@ def app_config(args: argparse.Namespace, redis_url: str, max_clients: int):
     from trainers.config import DistillConfig
 
     models, engine = model_configs(args, torch_threads=0)  # replicas and trainer set their own threads
+    engine = engine.model_copy(update={"speculation": "always"})  # α is measured on every round, not on probes
     distill = {"update_interval": args.update_interval}
     if args.steps_per_update is not None:
         distill["steps_per_update"] = args.steps_per_update

@@ -243,7 +243,7 @@ def run_trees_bench_command(args: argparse.Namespace) -> dict:
     stream, held = records[:-n_held], records[-n_held:]
     gamma = args.gamma
     engine = build_engine(ModelConfig(target=args.target, draft="none", device=args.device, dtype=args.dtype,
-                                      torch_threads=args.threads), EngineConfig(gamma=gamma, record=False))
+                                      torch_threads=args.threads), EngineConfig(speculation="always", gamma=gamma, record=False))
     questions = {q["question_id"]: q for q in load_questions(args.data)}
     prompts = [chat_prompt_ids(engine.tokenizer, questions[i]["turns"][0]) for i in meta["question_ids"][-n_held:]]
 

@@ -27,10 +27,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "CUDA with bf16), else float32")
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per round")
+    g.add_argument("--speculation", default="auto", choices=["auto", "always"],
+                   help="auto: draft only while it pays on this machine (plain decoding otherwise, probing now and "
+                        "then); always: draft every round")
 
 
 def model_configs(args, **models) -> tuple[ModelConfig, EngineConfig]:
     """The --target/--draft/... options as configs; ``models`` overrides ModelConfig fields."""
     fields = dict(target=args.target, draft=args.draft, draft_layers=args.draft_layers, shortlist=args.shortlist,
                   device=args.device, dtype=args.dtype, torch_threads=args.threads)
-    return ModelConfig(**(fields | models)), EngineConfig(gamma=args.gamma)
+    return ModelConfig(**(fields | models)), EngineConfig(gamma=args.gamma, speculation=args.speculation)
