@@ -40,6 +40,11 @@ class RayServingMetrics:
                                              ("dropped", "Training records dropped since the replica started."))}
         self.draft_version = Gauge("osd_draft_version", description="Draft version a replica serves, per cluster.",
                                    tag_keys=("cluster",))
+        # A replica's suffix traffic index per cluster (as osd:suffix_traffic_* on /metrics; replicas converge on the
+        # same traffic through the buffer, so aggregate with max).
+        self.traffic = {field: Gauge(f"osd_suffix_traffic_{field}", description=text, tag_keys=("cluster",))
+                        for field, text in (("tokens", "Tokens in the cluster's suffix traffic index."),
+                                            ("requests", "Requests in the cluster's suffix traffic index."))}
 
     def add(self, name: str, labels: dict[str, str], value: float) -> None:
         self.counters[name].inc(value, tags=labels)
@@ -48,11 +53,16 @@ class RayServingMetrics:
         self.histograms[name].observe(value, tags=labels)
 
 
-    def observe_replica(self, recorder: RecorderStats, drafts: dict[str, int]) -> None:
+    def observe_replica(self, recorder: RecorderStats, drafts: dict[str, int],
+                        traffic: dict[str, dict[str, int]] | None = None) -> None:
+        """traffic: ServingCore.health()["suffix"]["traffic"] (cluster -> {tokens, requests, entries})."""
         for field, gauge in self.recorder.items():
             gauge.set(getattr(recorder, field))
         for cluster, version in drafts.items():
             self.draft_version.set(version, tags={"cluster": cluster})
+        for cluster, stats in (traffic or {}).items():
+            for field, gauge in self.traffic.items():
+                gauge.set(stats[field], tags={"cluster": cluster})
 
 
 class RayTrainerMetrics:

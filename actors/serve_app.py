@@ -10,7 +10,9 @@ the application's ``args`` are an :class:`actors.config.OsdAppConfig` dict. From
   ``__serve_build_asgi_app__`` (the late-bound ingress of Ray 2.60). Drafts: the replica loads
   the registry's live versions at start (so a replica that starts later catches up by
   itself), a thread re-checks every ``draft_poll_interval_s``, and ``sync_drafts`` is the
-  same check on demand (``handle.broadcast("sync_drafts")`` after a publish).
+  same check on demand (``handle.broadcast("sync_drafts")`` after a publish). With suffix
+  speculation on, a ``TrafficFeed`` thread (osd/data/traffic_feed.py) tails the record buffer
+  into the engine's traffic index, so every replica proposes from every replica's traffic.
 - ``TrainerSupervisor`` (one replica, 0 CPUs): owns the ``TrainerActor`` (actors/trainer.py),
   so the trainer lives and dies with the application; the actor restarts itself on a
   crash (``max_restarts=-1``). ``GET /admin/trainer`` shows its counters.
@@ -34,6 +36,7 @@ from actors.ray_metrics import RayServingMetrics
 from actors.trainer import start_trainer
 from osd.data.buffer import RecordBuffer
 from osd.data.recorder import Recorder
+from osd.data.traffic_feed import TrafficFeed
 from osd.decoding.engine import build_engine
 from osd.models.adapters import AdapterSpec, SharedBaseDrafts
 from osd.registry import DraftRegistry, RegistryError
@@ -94,6 +97,10 @@ class OsdServer:
         engine = build_engine(models, cfg.engine)
         log.info("osd replica: warm-up request took %.1f s", engine.warm_up())  # the first user request is not the one
         self.buffer = RecordBuffer(cfg.buffer_config())
+        # Suffix speculation learns from every replica's traffic: tail the buffer into the engine's index.
+        self.traffic_feed = None
+        if engine.traffic is not None and cfg.engine.suffix.traffic:
+            self.traffic_feed = TrafficFeed(self.buffer, engine.traffic, cfg.engine.suffix).start()
         self.recorder = _recorder(self.buffer, cfg)
         self.registry = DraftRegistry.from_config(cfg.registry_config())
         self.dashboard = cfg.dashboard_store()
@@ -157,7 +164,8 @@ class OsdServer:
                 self._sync_errors.pop("*", None)
             except Exception as e:
                 self._note_error("*", e)
-            self.ray_metrics.observe_replica(self.recorder.stats(), self.core.health()["drafts"])
+            health = self.core.health()
+            self.ray_metrics.observe_replica(self.recorder.stats(), health["drafts"], traffic=health["suffix"]["traffic"])
 
     async def sync_drafts(self) -> dict[str, int]:
         """Check the registry now (what a publisher broadcasts); returns cluster -> version held."""
@@ -175,7 +183,8 @@ class OsdServer:
         replica = serve.get_replica_context().replica_id
         return {"replica": replica.unique_id, "actor_name": replica.to_full_id_str(), **self.core.health(),
                 "started_with": self.started_with, "recorder": asdict(self.recorder.stats()),
-                "sync_errors": dict(self._sync_errors)}
+                "sync_errors": dict(self._sync_errors),
+                "traffic_feed": self.traffic_feed.stats() if self.traffic_feed is not None else None}
 
     def check_health(self) -> None:
         if not self._poller.is_alive():
@@ -184,6 +193,8 @@ class OsdServer:
     def __del__(self) -> None:
         if (stop := getattr(self, "_stop", None)) is not None:
             stop.set()
+        if (feed := getattr(self, "traffic_feed", None)) is not None:
+            feed.stop(timeout_s=2.0)
         if (recorder := getattr(self, "recorder", None)) is not None:
             recorder.close(timeout_s=2.0)  # unpushed records go to the spool dir (or are counted dropped)
         if (buffer := getattr(self, "buffer", None)) is not None:

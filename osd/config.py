@@ -92,6 +92,19 @@ class TreeConfig(_Strict):
         return v
 
 
+class SuffixConfig(_Strict):
+    """Suffix speculation (osd/decoding/suffix.py): propose continuations seen in the request and in recent traffic."""
+
+    max_ngram: int = Field(4, ge=1, le=16, description="Longest context suffix (in tokens) looked up in an index.")
+    max_depth: int = Field(8, ge=1, le=32, description="Longest continuation proposed from one match.")
+    max_matches: int = Field(16, ge=1, le=256, description="Most recent occurrences of the matched suffix whose continuations form the candidate trie.")
+    traffic: bool = Field(True, description="Also look up recent traffic of the request's cluster (else the request's own prompt and output only).")
+    cluster_tokens: int = Field(65_536, ge=1, description="Traffic index bound per cluster: tokens kept (oldest requests evicted first).")
+    cluster_requests: int = Field(1_024, ge=1, description="Traffic index bound per cluster: requests kept (a FIFO).")
+    rebuild_records: int = Field(512, ge=0, description="Newest buffer records per cluster a replica folds in at start, so the index survives a restart.")
+    poll_s: float = Field(1.0, gt=0.0, le=60.0, description="How often a replica reads other replicas' new records from the buffer into its index.")
+
+
 class EngineConfig(_Strict):
     """Speculative decoding knobs."""
 
@@ -113,15 +126,18 @@ class EngineConfig(_Strict):
                             "then: osd/decoding/governor.py); 'always': draft every round (the fixed baseline).")
     tree: TreeConfig | None = Field(
         None, description="Draft a token tree per round instead of a chain (osd/decoding/tree_engine.py); None = a chain.")
+    suffix: SuffixConfig | None = Field(
+        None, description="Suffix speculation from the request and recent traffic, fused with the draft in one token tree "
+                          "(osd/decoding/suffix.py; implies a tree round); None = off.")
     kv_cache: Literal["preallocated", "dynamic"] = Field(
         "preallocated", description="KV cache of target and draft: 'preallocated' writes in place and crops by a length "
                                     "(osd/decoding/kv_cache.py); 'dynamic' is transformers' DynamicCache (cat per forward).")
 
     @model_validator(mode="after")
     def _cap_covers_gamma(self) -> "EngineConfig":
-        if self.tree is not None and self.length_policy != "fixed":
-            raise ValueError("a token tree sizes itself (TreeConfig); length_policy applies to chains only, so keep "
-                             "it 'fixed' or drop tree")
+        if (self.tree is not None or self.suffix is not None) and self.length_policy != "fixed":
+            raise ValueError("a token tree sizes itself (TreeConfig; suffix speculation drafts a tree too); length_policy "
+                             "applies to chains only, so keep it 'fixed' or drop tree and suffix")
         if self.length_policy != "fixed" and self.max_gamma < self.gamma:
             raise ValueError(f"max_gamma ({self.max_gamma}) must be >= gamma ({self.gamma}) for an adaptive "
                              "length_policy")

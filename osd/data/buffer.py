@@ -11,6 +11,9 @@ Protocol (plain Redis Streams, nothing osd-specific on the server):
   moves those idle longer than ``claim_idle_ms`` to a live consumer (``XAUTOCLAIM``).
 - Entries that fail to decode go to a dead-letter stream (source, id, error text and the
   original bytes) and are acked at the source, so one bad entry cannot wedge a trainer.
+- ``newest`` / ``read_after``: plain ``XREVRANGE`` / ``XRANGE``, outside the group, so they
+  change nothing the trainers see: serving replicas tail the streams this way to feed their
+  suffix-speculation traffic index (osd/data/traffic_feed.py). They skip undecodable entries.
 
 Delivery is at-least-once: a push retried after a timeout may land twice (records carry a
 ``request_id`` to dedupe on), and a reclaimed entry may already have been half-used.
@@ -96,6 +99,10 @@ Entry = tuple[str, TrainingRecord]  # (stream entry id, record)
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
     return url.replace(parts.netloc, parts.netloc.rsplit("@", 1)[-1]) if "@" in parts.netloc else url
+
+
+def _id_str(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def _glob_escape(s: str) -> str:
@@ -293,6 +300,55 @@ class RecordBuffer:
                   maxlen=self.config.dead_letter_maxlen, approximate=True)
         pipe.xack(key, self.config.group, entry_id)
         pipe.execute()
+
+    # -- plain reads (no consumer group) -------------------------------------------------------
+
+    def newest(self, cluster: str, count: int) -> tuple[list[Entry], str | None]:
+        """The newest ``count`` entries of ``cluster``, oldest first, decoded (XREVRANGE; no group,
+        so the trainers' deliveries are untouched).
+
+        Returns (entries, the id of the stream's last entry — where :meth:`read_after` resumes —
+        or None when the stream is empty or absent). ``count`` 0 returns no entries, only that id.
+        Undecodable entries are skipped and logged, not dead-lettered (the trainers do that).
+        """
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        key = self._key(cluster)
+        with self._available("newest"):
+            entries = list(reversed(self._redis.xrevrange(key, "+", "-", count=max(count, 1))))
+        last = _id_str(entries[-1][0]) if entries else None
+        return (self._decode_plain(key, entries) if count else []), last
+
+    def read_after(self, cluster: str, after_id: str, count: int = 256) -> tuple[list[Entry], str | None]:
+        """Up to ``count`` entries of ``cluster`` with ids strictly after ``after_id``, oldest first,
+        decoded (XRANGE from ``(after_id``; no group). ``after_id`` "0-0" reads from the start.
+
+        Returns (entries, the id of the last entry read — the next page's ``after_id`` — or None when
+        there was nothing after ``after_id``). Fewer than ``count`` entries read means the end was
+        reached. Undecodable entries are skipped and logged, as in :meth:`newest`.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        key = self._key(cluster)
+        with self._available("read after"):
+            entries = self._redis.xrange(key, "(" + after_id, "+", count=count)
+        last = _id_str(entries[-1][0]) if entries else None
+        return self._decode_plain(key, entries), last
+
+    def _decode_plain(self, key: bytes, entries: list) -> list[Entry]:
+        """Decode entries read outside the group: a bad one is logged and skipped (no ack, no dead letter)."""
+        cluster = self._cluster(key)
+        good: list[Entry] = []
+        for entry_id, fields in entries:
+            try:
+                rec = decode_record(fields.get(b"rec", b""))
+                if rec.cluster != cluster:
+                    raise RecordDecodeError(f"record of cluster {rec.cluster!r} found in the stream of {cluster!r}")
+            except RecordDecodeError as e:
+                log.warning("skipping entry %s of %s: %s", _id_str(entry_id), key, e)
+                continue
+            good.append((_id_str(entry_id), rec))
+        return good
 
     # -- introspection ---------------------------------------------------------------------
 

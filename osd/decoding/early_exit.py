@@ -311,7 +311,7 @@ class EarlyExitEngine(SpeculativeEngine):
         finally:
             self._release_capture()
 
-    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> EarlyExitDrafter:
+    def _make_drafter(self, draft: DraftModel, cache: DynamicCache, prompt_ids: list[int], cluster: str) -> EarlyExitDrafter:
         self._check_draft(draft)  # a swapped-in draft must share the layers too
         self._release_capture()
         index = self.shared_layers - 1

@@ -23,6 +23,7 @@ from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.kv_cache import make_cache
 from osd.decoding.sampling import warp_probs
 from osd.decoding.stopping import make_length_policy
+from osd.decoding.suffix import TrafficIndex
 from osd.decoding.verification import Verdict, overlap, verify_greedy, verify_sampled
 from osd.models.drafts import DraftModel, build_draft, load_shortlist
 from osd.models.loading import load_target, load_tokenizer
@@ -46,6 +47,7 @@ class SpecStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
     elapsed_s: float = 0.0  # wall time, less analysis_s
+    prefill_s: float = 0.0  # of which the prompt's prefill forward (the same work with or without speculation)
     analysis_s: float = 0.0  # analysis-only work serving would not do (e.g. a tree's α*)
 
     @property
@@ -69,7 +71,7 @@ class SpecStats:
             "target_forwards": self.target_forwards,
             "mean_acceptance_length": self.mean_acceptance_length, "alpha_hat": self.alpha_hat,
             "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-            "elapsed_s": self.elapsed_s, "tokens_per_second": self.tokens_per_second,
+            "elapsed_s": self.elapsed_s, "prefill_s": self.prefill_s, "tokens_per_second": self.tokens_per_second,
         }
 
 
@@ -116,6 +118,8 @@ class SpeculativeEngine:
         self.context_window = int(getattr(target.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(target, tokenizer)
         self._governors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → SpeculationGovernor
+        # Recent traffic per cluster, for suffix speculation (the tree engine drafts from it).
+        self.traffic = TrafficIndex(self.config.suffix) if self.config.suffix is not None else None
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -129,11 +133,12 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, draft_version: int = 0,
                  cluster: str = "global", on_tokens: Callable[[list[int]], None] | None = None,
-                 draft: DraftModel | None | object = LIVE_DRAFT) -> Generation:
+                 draft: DraftModel | None | object = LIVE_DRAFT, request_id: str | None = None) -> Generation:
         """Decode one request. `on_tokens` (for streaming) gets each round's newly committed ids.
 
         `draft` overrides the engine's live draft for this request (None: no draft), so a
         caller that swaps drafts can hand over the draft and its version as one pair.
+        `request_id` names the training record (a fresh one if None).
 
         Streamed ids may run past the final output by up to one round: the returned
         Generation is cut at EOS, a stop string or max_tokens, and is the truth.
@@ -151,9 +156,11 @@ class SpeculativeEngine:
         # Room for the whole request plus one round's speculative rows, so the cache never has to grow.
         cache = make_cache(self.target.config, self.config.kv_cache,
                            len(prompt_ids) + params.max_tokens + self._round_rows())
-        drafter = self._make_drafter(draft, cache) if draft is not None else None
+        drafter = self._make_drafter(draft, cache, prompt_ids, cluster) if self._uses_drafter(draft) else None
+        prefill_start = time.perf_counter()
         if len(tokens) > 1:
             self._target_forward(tokens[:-1], cache, keep=1)
+        stats.prefill_s = time.perf_counter() - prefill_start
         finish = None
         while finish is None:
             out_len = len(tokens) - len(prompt_ids)
@@ -175,6 +182,11 @@ class SpeculativeEngine:
             record = TrainingRecord(list(prompt_ids), output_ids, ids, logprobs, lse,
                                     [r for r in rounds if r.start < len(output_ids)],
                                     cluster=cluster, draft_version=draft_version)
+            if request_id is not None:
+                record.request_id = request_id
+        if self.traffic is not None and self.config.suffix.traffic:
+            # This replica learns from its own request at once; the buffer brings it the others' (same request id).
+            self.traffic.add(prompt_ids, output_ids, cluster, record.request_id if record is not None else request_id)
         return Generation(output_ids, text, finish, stats, record)
 
     def _new_stats(self, prompt_tokens: int) -> SpecStats:
@@ -213,12 +225,15 @@ class SpeculativeEngine:
         vocab = int(self.target.config.vocab_size)
         prompt = [(7 * i + 3) % vocab for i in range(16)]
         saved, self.config = self.config, self.config.model_copy(update={"speculation": "always", "record": False})
+        traffic = self.traffic
+        if traffic is not None:  # a throwaway index: the warm-up prompt is not traffic
+            self.traffic = TrafficIndex(traffic.config)
         try:
             self.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
             if self.draft is not None:  # plain decoding's single-token forward too
                 self.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0), draft=None)
         finally:
-            self.config = saved
+            self.config, self.traffic = saved, traffic
         return time.perf_counter() - start
 
     def governor(self, draft: DraftModel) -> SpeculationGovernor | None:
@@ -230,7 +245,11 @@ class SpeculativeEngine:
             self._governors[draft] = SpeculationGovernor()
         return self._governors[draft]
 
-    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> Drafter:
+    def _uses_drafter(self, draft: DraftModel | None) -> bool:
+        """Does a request with this draft draft at all? (The tree engine also drafts from suffix indexes.)"""
+        return draft is not None
+
+    def _make_drafter(self, draft: DraftModel, cache: DynamicCache, prompt_ids: list[int], cluster: str) -> Drafter:
         """One request's drafter. cache: the request's target cache (empty yet), for drafters that share it."""
         c = self.config
         policy = make_length_policy(c.length_policy, c.gamma,
@@ -329,7 +348,7 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
         shortlist = load_shortlist(models.shortlist) if models.shortlist else None
         draft = build_draft(target, models.draft, models.draft_layers, shortlist)
     chain = SpeculativeEngine(target, tokenizer, draft, engine)
-    if chain.config.tree is None:
+    if chain.config.tree is None and chain.config.suffix is None:
         return chain
     from osd.decoding.tree_engine import TreeSpeculativeEngine  # it builds on this module
 

@@ -70,6 +70,7 @@ class TokenTree:
     q: torch.Tensor
     drawn: bool = False  # children drawn from q without replacement (True) or chosen deterministically
     scores: torch.Tensor | None = None  # [n] fp64: estimated P(node accepted), a (calibrated) path probability; root 1
+    sources: torch.Tensor | None = None  # [n] uint8: who proposed each node, bits DRAFT=1 and SUFFIX=2; root 0
 
     def __post_init__(self) -> None:
         n = self.tokens.shape[0]

@@ -37,6 +37,7 @@ Losslessness under sampling (`sampled_children`):
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from osd.config import EngineConfig, SamplingParams, TreeConfig
 from osd.data.records import DraftRound
+from osd.decoding.calibration import AcceptanceCalibration
 from osd.decoding.cost import (
     best_rate,
     choose_budget,
@@ -55,6 +57,7 @@ from osd.decoding.drafting import crop_cache
 from osd.decoding.engine import SpecStats, SpeculativeEngine, Teacher
 from osd.decoding.kv_cache import KVCacheKind, gather_cache, make_cache
 from osd.decoding.sampling import warp_probs
+from osd.decoding.suffix import Candidate, SuffixProposer
 from osd.decoding.tree import (
     TokenTree,
     TreeVerdict,
@@ -88,6 +91,10 @@ class TreeStats(SpecStats):
     draft_s: float = 0.0
     verify_s: float = 0.0
     budgets: list[int] = field(default_factory=list)  # tree size (root excluded) of every round
+    accepted_draft_only: int = 0  # accepted tokens only the draft proposed
+    accepted_suffix_only: int = 0  # accepted tokens only a suffix index proposed
+    accepted_both: int = 0  # accepted tokens both proposed
+    draft_rounds: int = 0  # rounds the draft ran in (with suffix candidates it may sit a round out)
 
     @property
     def node_acceptance(self) -> float | None:
@@ -111,44 +118,10 @@ class TreeStats(SpecStats):
                 "alpha_star_low": self.alpha_star_low,
                 "tokens_per_target_forward": self.tokens_per_target_forward, "draft_s": self.draft_s,
                 "verify_s": self.verify_s, "analysis_s": self.analysis_s,
-                "mean_tree_nodes": sum(self.budgets) / len(self.budgets) if self.budgets else 0.0}
-
-
-class AcceptanceCalibration:
-    """P(a child is accepted | its parent is reached), as a function of the draft's probability for it.
-
-    Path probabilities are the draft's own guess at acceptance; a draft that spreads its mass
-    (or an overconfident one) misjudges it, and with it the budget. This learns the map from
-    verification outcomes — binned by q, starting from "q is calibrated" with a weight of
-    `prior` observations per bin, halving old counts past `cap` so it follows a changing draft.
-    It only ever looks at past rounds, so trees stay lossless.
-    """
-
-    EDGES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-    def __init__(self, prior: float = 4.0, cap: float = 1000.0):
-        self.edges = torch.tensor(self.EDGES, dtype=torch.float64)
-        self.mid = (self.edges[1:] + self.edges[:-1]) / 2  # [B]
-        self.hits = torch.zeros(len(self.mid), dtype=torch.float64)
-        self.count = torch.zeros(len(self.mid), dtype=torch.float64)
-        self.prior, self.cap = prior, cap
-
-    def _bins(self, q: torch.Tensor) -> torch.Tensor:
-        return (torch.bucketize(q.double().cpu(), self.edges[1:-1], right=True)).clamp(max=len(self.mid) - 1)
-
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        """q: [m] draft probabilities → [m] fp64 estimated acceptance probabilities in [0, 1]."""
-        b = self._bins(q)
-        return (self.hits[b] + self.prior * self.mid[b]) / (self.count[b] + self.prior)
-
-    def update(self, q: torch.Tensor, accepted: torch.Tensor) -> None:
-        """q: [m] draft probabilities of tried children, accepted: [m] bool."""
-        b = self._bins(q)
-        self.hits.index_add_(0, b, accepted.double().cpu())
-        self.count.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
-        full = self.count > self.cap
-        self.hits[full] /= 2
-        self.count[full] /= 2
+                "mean_tree_nodes": sum(self.budgets) / len(self.budgets) if self.budgets else 0.0,
+                "accepted_by_source": {"draft": self.accepted_draft_only, "suffix": self.accepted_suffix_only,
+                                       "both": self.accepted_both},
+                "draft_rounds": self.draft_rounds}
 
 
 # ---- drafting -------------------------------------------------------------------------------------
@@ -178,60 +151,152 @@ def _draw_children(q: torch.Tensor, m: int, drawn: bool, generator: torch.Genera
     return torch.topk(keys, m).indices
 
 
-class TreeDrafter:
-    """One request's draft cache and tree growth. Between rounds the cache holds committed tokens only."""
+DRAFT, SUFFIX = 1, 2  # node source bits: proposed by the draft, by a suffix index (both: 3)
 
-    def __init__(self, draft: DraftModel, config: TreeConfig, cost_curve: Mapping[int, float] | None = None,
-                 calibration: AcceptanceCalibration | None = None, kv_cache: KVCacheKind = "preallocated"):
+
+class DraftGain:
+    """What running the draft adds to a round that has suffix candidates, learnt across rounds and requests.
+
+    In a fused tree the draft runs only when its expected extra accepted tokens pay for its
+    time and the larger verification (a probe every `interval` rounds, from `probe_every` and
+    doubling up to `max_probe_every` while probes find nothing, keeps the estimates up with a
+    draft that improves). With no suffix candidate the comparison is against plain
+    decoding, so a draft that does not pay yet costs only its probes. A decision from past
+    rounds only: trees stay lossless. One per draft object, so a swapped-in draft starts fresh.
+    """
+
+    def __init__(self, probe_every: int = 16, max_probe_every: int = 256, decay: float = 0.9):
+        self.tokens = 0.0  # EMA of accepted tokens only the draft proposed, per round it ran
+        self.nodes = 0.0  # EMA of the draft's nodes in the tree, per round it ran
+        self.ms = 0.0  # EMA of the draft's time per round it ran, catching up included (0 until measured)
+        self.skipped = 0
+        self.interval = probe_every  # rounds between probes: doubles while probes find nothing
+        self.probe_every, self.max_probe_every, self.decay = probe_every, max_probe_every, decay
+
+    def observe(self, draft_only_accepted: int, draft_nodes: int, draft_ms: float) -> None:
+        # A probe that adds nothing makes the next one twice as rare (a probe can cost several target
+        # forwards: the draft first catches up on everything since it last ran); one that adds resets it.
+        self.interval = self.probe_every if draft_only_accepted else min(self.max_probe_every, 2 * self.interval)
+        d = self.decay
+        if self.ms == 0.0:  # the first measurement starts the averages
+            self.tokens, self.nodes, self.ms = float(draft_only_accepted), float(draft_nodes), draft_ms
+        else:
+            self.tokens = d * self.tokens + (1 - d) * draft_only_accepted
+            self.nodes = d * self.nodes + (1 - d) * draft_nodes
+            self.ms = d * self.ms + (1 - d) * draft_ms
+
+    def pays(self, scores: list[float], curve: Mapping[int, float], max_nodes: int) -> bool:
+        """scores: the suffix candidates' (maybe none). Run the draft this round?"""
+        if self.ms == 0.0:
+            return True  # not measured yet
+        scores = sorted(scores, reverse=True)
+        n = choose_budget(scores, curve)
+        now = (1.0 + sum(scores[:n])) / verification_cost(curve, n + 1)
+        with_draft = min(max_nodes, n + round(self.nodes))
+        hope = (1.0 + sum(scores[:n]) + self.tokens) / (verification_cost(curve, with_draft + 1) + self.ms)
+        self.skipped = 0 if hope > now else self.skipped + 1
+        if self.skipped >= self.interval:  # a probe
+            self.skipped = 0
+            return True
+        return self.skipped == 0
+
+
+class TreeDrafter:
+    """One request's tree growth: the draft's candidates and, when on, the suffix indexes', in one tree.
+
+    Between rounds the draft cache holds committed tokens only. Either source may be absent.
+    """
+
+    def __init__(self, draft: DraftModel | None, config: TreeConfig, cost_curve: Mapping[int, float] | None = None,
+                 calibration: AcceptanceCalibration | None = None, kv_cache: KVCacheKind = "preallocated",
+                 proposer: SuffixProposer | None = None, gain: DraftGain | None = None, vocab_size: int | None = None):
         self.draft = draft
+        self.vocab_size = vocab_size or int(draft.config.vocab_size)  # q rows span the target's vocabulary
         self.config = config
         self.cost_curve = cost_curve
         self.calibration = calibration
-        self.cache = make_cache(draft.config, kv_cache)
-        self.device = next(draft.parameters()).device
+        self.proposer = proposer
+        self.gain = gain or DraftGain()
+        self.cache = make_cache(draft.config, kv_cache) if draft is not None else None
+        self.device = next(draft.parameters()).device if draft is not None else None
+        self.draft_ran = False  # in the last round
+        self.candidates: dict[int, Candidate] = {}  # last tree's node → the suffix candidate it came from
 
     @property
     def cached(self) -> int:
-        return self.cache.get_seq_length()
+        return self.cache.get_seq_length() if self.cache is not None else 0
 
     def rollback(self, committed: int) -> None:
         """Drop the tree nodes: keep cache entries for the `committed` tokens known before the round."""
-        crop_cache(self.cache, min(self.cached, committed))
+        if self.cache is not None:
+            crop_cache(self.cache, min(self.cached, committed))
         assert self.cached <= committed, "draft cache holds uncommitted tokens"
 
     @torch.inference_mode()
     def build(self, tokens: list[int], params: SamplingParams, generator: torch.Generator | None,
-              max_depth: int) -> tuple[TokenTree, float]:
-        """tokens: every committed token (the last is the root) → (tree, drafting ms)."""
+              max_depth: int, device: torch.device | None = None) -> tuple[TokenTree, float]:
+        """tokens: every committed token (the last is the root) → (tree, drafting ms). device: where the tree's
+        tensors go (the target's; default the draft's)."""
         start = time.perf_counter()
+        device = device or self.device
         self._tokens, self._parents, self._depths, self._scores = [tokens[-1]], [-1], [0], [1.0]
+        self._sources, self._node_of, self._from_index = [0], {}, {}
         self._q: dict[int, torch.Tensor] = {}
         self._slot = {0: len(tokens) - 1}
         self._committed = len(tokens)
         self._params, self._generator = params, generator
-        feed = torch.tensor([tokens[self.cached:]], device=self.device)
-        self._q[0] = self._dist(draft_forward(self.draft, feed, self.cache, keep=1))[0]
-        self._step_ms = (time.perf_counter() - start) * 1000
-        if self.config.shape == "static":
-            keep = self._grow_static(max_depth)
+        if self.proposer is not None:
+            self._add_candidates(self.proposer.candidates(tokens, max_depth))
+        self.draft_ran = self.draft is not None and self._draft_pays()
+        if self.draft_ran:
+            feed = torch.tensor([tokens[self.cached:]], device=self.device)
+            self._q[0] = self._dist(draft_forward(self.draft, feed, self.cache, keep=1))[0]
+            self._step_ms = (time.perf_counter() - start) * 1000
+            if self.config.shape == "static":
+                keep = self._grow_static(max_depth)
+            else:
+                keep = self._grow_dynamic(min(max_depth, self.config.max_depth), start)
         else:
-            keep = self._grow_dynamic(max_depth, start)
+            keep = self._rerank(start)
         draft_ms = (time.perf_counter() - start) * 1000
-        return self._tree(keep), draft_ms
+        return self._tree(keep, device), draft_ms
+
+    def _add_candidates(self, candidates: list[Candidate]) -> None:
+        """Suffix candidates (parents first) as deterministic nodes."""
+        node_of_path: dict[tuple[int, ...], int] = {(): 0}
+        for cand in candidates:
+            node = self._add(node_of_path[cand.path[:-1]], cand.path[-1], cand.score, SUFFIX)
+            node_of_path[cand.path] = node
+            self._from_index[node] = cand
+
+    def _draft_pays(self) -> bool:
+        """Draft-only trees always run the draft; fused trees ask what the draft has been adding (DraftGain)."""
+        if self.proposer is None or self.cost_curve is None:
+            return True
+        return self.gain.pays(self._scores[1:], self.cost_curve, self.config.max_nodes)
 
     def _dist(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [N, V] → q [N, V]: warped like p under sampling; the temperature-1 softmax under greedy."""
         return logits.softmax(-1) if self._params.greedy else warp_probs(logits, self._params)
 
     def _drawn(self) -> bool:
-        return not self._params.greedy and self.config.sampled_children == "draw"
+        """Children drawn from q? Never with suffix candidates: mixed sources are all point masses."""
+        return not self._params.greedy and self.config.sampled_children == "draw" and self.proposer is None
 
-    def _add(self, parent: int, token: int, score: float) -> int:
+    def _add(self, parent: int, token: int, score: float, source: int = DRAFT) -> int:
+        """A child of `parent`; the same token under the same parent from another source merges into one node."""
+        node = self._node_of.get((parent, token))
+        if node is not None:
+            self._scores[node] = max(self._scores[node], score)
+            self._sources[node] |= source
+            return node
         self._tokens.append(token)
         self._parents.append(parent)
         self._depths.append(self._depths[parent] + 1)
         self._scores.append(score)
-        return len(self._tokens) - 1
+        self._sources.append(source)
+        node = self._node_of[(parent, token)] = len(self._tokens) - 1
+        return node
 
     def _expand(self, nodes: list[int]) -> None:
         """One batched draft forward over `nodes` (all at one depth, ancestors already fed) → their q."""
@@ -307,8 +372,12 @@ class TreeDrafter:
             frontier = sorted(created, key=lambda c: (-self._scores[c], c))[: cfg.top_k]
         if drawn:
             return list(range(len(self._tokens)))
-        # Rerank every candidate globally. A child never outscores its parent and ties go to the
-        # lower index, so the kept set is closed under parents.
+        return self._rerank(start)
+
+    def _rerank(self, start: float) -> list[int]:
+        """The best nodes of every source under one budget. A child never outscores its parent and ties
+        go to the lower index, so the kept set is closed under parents."""
+        cfg, curve = self.config, self.cost_curve
         ranked = sorted(range(1, len(self._tokens)), key=lambda c: (-self._scores[c], c))[: cfg.max_nodes]
         if cfg.budget is not None:
             n = min(cfg.budget, len(ranked))
@@ -350,21 +419,24 @@ class TreeDrafter:
                 best_n, best = n, rate
         return best_n
 
-    def _tree(self, keep: list[int]) -> TokenTree:
+    def _tree(self, keep: list[int], device: torch.device) -> TokenTree:
         """The kept nodes (sorted, closed under parents) re-indexed into a TokenTree."""
         new = {old: i for i, old in enumerate(keep)}
-        vocab = self._q[0].shape[-1]
-        q = torch.zeros(len(keep), vocab, device=self.device)
-        for old, i in new.items():
-            if old in self._q:
-                q[i] = self._q[old]
-        dev = self.device
+        if self._q:
+            q = torch.zeros(len(keep), self.vocab_size, device=device)
+            for old, i in new.items():
+                if old in self._q:
+                    q[i] = self._q[old]
+        else:  # suffix nodes only: no draft distribution anywhere (a read-only view, no [n, V] fill)
+            q = torch.zeros(1, self.vocab_size, device=device).expand(len(keep), -1)
+        self.candidates = {new[old]: cand for old, cand in self._from_index.items() if old in new}
         return TokenTree(
-            tokens=torch.tensor([self._tokens[o] for o in keep], device=dev),
-            parents=torch.tensor([new[self._parents[o]] if o else -1 for o in keep], device=dev),
-            depths=torch.tensor([self._depths[o] for o in keep], device=dev),
+            tokens=torch.tensor([self._tokens[o] for o in keep], device=device),
+            parents=torch.tensor([new[self._parents[o]] if o else -1 for o in keep], device=device),
+            depths=torch.tensor([self._depths[o] for o in keep], device=device),
             q=q, drawn=self._drawn(),
-            scores=torch.tensor([self._scores[o] for o in keep], dtype=torch.float64))
+            scores=torch.tensor([self._scores[o] for o in keep], dtype=torch.float64),
+            sources=torch.tensor([self._sources[o] for o in keep], dtype=torch.uint8))
 
 
 # ---- the engine -----------------------------------------------------------------------------------
@@ -392,6 +464,10 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         self.tree_config = tree or self.config.tree or TreeConfig()
         self.cost_curve = dict(cost_curve) if cost_curve else None
         self.calibration = AcceptanceCalibration()  # learnt across requests, like the cost curve
+        self.suffix_calibrations: dict = {}  # (index, match length) → AcceptanceCalibration of match fractions
+        self._draft_gains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → DraftGain
+        if self.config.suffix is not None and self.tree_config.shape == "static":
+            raise ValueError("suffix speculation merges its candidates into a dynamic tree; use TreeConfig(shape='dynamic')")
         for model in (target, draft.model if draft is not None else None):
             impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
             if model is not None and impl not in TREE_ATTENTION:
@@ -409,14 +485,31 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         return cls(engine.target, engine.tokenizer, engine.draft, engine.config, tree, cost_curve)
 
     def _depth_cap(self) -> int:
-        cfg = self.tree_config
-        return len(cfg.branching) if cfg.shape == "static" else cfg.max_depth
+        cfg, suffix = self.tree_config, self.config.suffix
+        if cfg.shape == "static":
+            return len(cfg.branching)
+        return max(cfg.max_depth, suffix.max_depth) if suffix is not None else cfg.max_depth
 
     def _new_stats(self, prompt_tokens: int) -> TreeStats:
         return TreeStats(accepted_per_position=[0] * self._depth_cap(), prompt_tokens=prompt_tokens)
 
-    def _make_drafter(self, draft: DraftModel, cache: DynamicCache) -> TreeDrafter:
-        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache)
+    def _uses_drafter(self, draft: DraftModel | None) -> bool:
+        return draft is not None or self.config.suffix is not None
+
+    def _make_drafter(self, draft: DraftModel | None, cache: DynamicCache, prompt_ids: list[int],
+                      cluster: str) -> TreeDrafter:
+        proposer = None
+        if self.config.suffix is not None:
+            proposer = SuffixProposer(self.config.suffix, prompt_ids, self.traffic.get(cluster), self.suffix_calibrations)
+        gain = None
+        if draft is not None:
+            gain = self._draft_gains.setdefault(draft, DraftGain())
+        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache,
+                           proposer, gain, int(self.target.config.vocab_size))
+
+    def draft_gain(self, draft: DraftModel) -> DraftGain | None:
+        """What `draft` has been adding to fused trees (None before its first request)."""
+        return self._draft_gains.get(draft)
 
     def _round_rows(self) -> int:
         """The most rows one tree forward appends to the target cache: the whole tree, root included."""
@@ -434,15 +527,18 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         """One tree per round: draft it, verify it in one target forward, keep the accepted path's KV."""
         depth = min(self._depth_cap(), params.max_tokens - out_len - 1) if drafter else 0
         if depth > 0:
-            tree, draft_ms = drafter.build(tokens, params, generator, depth)
+            tree, draft_ms = drafter.build(tokens, params, generator, depth, self.device)
             stats.draft_s += draft_ms / 1000
         else:
-            tree = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device)
+            tree, draft_ms = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device), 0.0
         new_tokens, verdict = self._verify_tree(tokens, cache, tree, params, generator, teacher, stats)
         if drafter is not None:
             drafter.rollback(len(tokens))
         if tree.size == 1:
             return new_tokens, None
+        self._learn(drafter, tree, verdict, params, stats, draft_ms)
+        if not drafter.draft_ran:
+            return new_tokens, None  # suffix candidates only: the record's rounds describe the draft
         path = verdict.path
         kids = tree.children(path[-1] if path else 0)
         # What the draft proposed along the committed path, up to the first rejected child.
@@ -489,13 +585,15 @@ class TreeSpeculativeEngine(SpeculativeEngine):
             stats.accepted_per_position[i] += 1
         # Verified nodes: those on the committed path that had children (their context is committed).
         verified = [n for n in [0] + verdict.path if tree.children(n)]
-        self._calibrate(tree, verdict, verified, params)
         stats.node_trials += len(verified)
         stats.node_accepts += verdict.num_accepted
+        drafted = [n for n in verified if tree.sources is None or bool(tree.q[n].any())]  # nodes the draft ran at
+        if drafted:
+            rows = logits[drafted]
+            p_beta = rows.softmax(-1) if params.greedy else warp_probs(rows, params)  # temperature-1 p under greedy, as α̂ is
+            stats.beta_sum += float(overlap(p_beta, tree.q[drafted]).sum())
+            stats.beta_count += len(drafted)
         rows = logits[verified]
-        p_beta = rows.softmax(-1) if params.greedy else warp_probs(rows, params)  # temperature-1 p under greedy, as α̂ is
-        stats.beta_sum += float(overlap(p_beta, tree.q[verified]).sum())
-        stats.beta_count += len(verified)
         if self.tree_config.alpha_star:
             t0 = time.perf_counter()
             p_rule = warp_probs(rows, params)  # what the rule verifies against: one-hot under greedy
@@ -510,13 +608,37 @@ class TreeSpeculativeEngine(SpeculativeEngine):
                 stats.alpha_star_count += 1
             stats.analysis_s += time.perf_counter() - t0
 
-    def _calibrate(self, tree: TokenTree, verdict: TreeVerdict, verified: list[int], params: SamplingParams) -> None:
-        """Feed the acceptance calibration: each tried child's slot probability and whether it was accepted."""
+    def _learn(self, drafter: TreeDrafter, tree: TokenTree, verdict: TreeVerdict, params: SamplingParams,
+               stats: TreeStats, draft_ms: float) -> None:
+        """After a round: calibrate both sources' scores from what was tried and accepted, count who served,
+        and update what the draft adds next to suffix candidates."""
         path = set(verdict.path)
-        for node in verified:
+        draft_q, draft_hit, suffix_tried = [], [], []
+        for node in (n for n in [0] + verdict.path if tree.children(n)):
             kids = tree.children(node)
             hit = [c in path for c in kids]
             if not params.greedy and any(hit):  # sampled: siblings after the accepted one were never tried
                 kids, hit = kids[: hit.index(True) + 1], hit[: hit.index(True) + 1]
-            slot_q = torch.topk(tree.q[node], len(kids)).values  # the j-th child fills the j-th slot
-            self.calibration.update(slot_q, torch.tensor(hit))
+            if tree.drawn:  # the j-th child fills the j-th slot
+                draft_q.extend(torch.topk(tree.q[node], len(kids)).values.tolist())
+                draft_hit.extend(hit)
+                continue
+            for kid, h in zip(kids, hit):
+                if tree.sources is None or int(tree.sources[kid]) & DRAFT:
+                    draft_q.append(float(tree.q[node, tree.tokens[kid]]))
+                    draft_hit.append(h)
+                if kid in drafter.candidates:
+                    suffix_tried.append((drafter.candidates[kid], h))
+        if draft_q:
+            self.calibration.update(torch.tensor(draft_q), torch.tensor(draft_hit))
+        if drafter.proposer is not None:
+            drafter.proposer.observe(suffix_tried)
+        sources = [int(tree.sources[n]) if tree.sources is not None else DRAFT for n in verdict.path]
+        stats.accepted_draft_only += sum(1 for s in sources if s == DRAFT)
+        stats.accepted_suffix_only += sum(1 for s in sources if s == SUFFIX)
+        stats.accepted_both += sum(1 for s in sources if s == DRAFT | SUFFIX)
+        if drafter.draft_ran:
+            stats.draft_rounds += 1
+            if drafter.proposer is not None:
+                drafted = sum(1 for s in tree.sources.tolist() if s & DRAFT)
+                drafter.gain.observe(sum(1 for s in sources if s == DRAFT), drafted, draft_ms)

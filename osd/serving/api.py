@@ -196,12 +196,14 @@ class OsdStats(BaseModel):
                                      "its training record joins this cluster's buffer.")
     draft_cluster: str = Field(description="Whose draft served it: the cluster's own, or 'global' until the "
                                            "cluster has one on this replica.")
-    proposed: int = Field(description="Draft tokens proposed.")
-    accepted: int = Field(description="Draft tokens the target accepted.")
+    proposed: int = Field(description="Tokens proposed for verification (the draft's, plus suffix candidates when suffix is on).")
+    accepted: int = Field(description="Proposed tokens the target accepted.")
     rounds: int = Field(description="Speculative rounds (target verifications with at least one proposal).")
     mean_acceptance_length: float = Field(description="1 + accepted / rounds (vLLM's convention).")
     alpha_hat: float | None = Field(description="Mean Σ min(p, q) over verified positions; None without a draft.")
     target_forwards: int = Field(description="Target decode forwards (prefill excluded).")
+    accepted_by_source: dict[str, int] = Field(description="Accepted tokens by who proposed them: 'draft' only, 'suffix' only (suffix speculation's indexes) or 'both'; they sum to accepted (a chain: all 'draft').")
+    suffix: bool = Field(description="Whether suffix speculation is on: candidates from the request's own text and its cluster's recent traffic join the draft's.")
     dtype: str = Field(description="Weights dtype the target ran in, e.g. 'bfloat16' (ModelConfig.dtype 'auto' resolved).")
 
 

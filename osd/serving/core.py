@@ -40,6 +40,7 @@ from jinja2.exceptions import TemplateError
 from osd.data.buffer import RecordBuffer
 from osd.data.recorder import Recorder
 from osd.decoding.engine import Generation, RequestError, SpeculativeEngine
+from osd.decoding.tree_engine import TreeSpeculativeEngine
 from osd.models.adapters import SharedBaseDrafts
 from osd.models.drafts import DraftModel, load_published_state, published_specs
 from osd.registry import (
@@ -72,7 +73,7 @@ from osd.serving.api import (
     to_sampling_params,
 )
 from osd.serving.dashboard import DashboardStore
-from osd.serving.metrics import MetricsMirror, ServingMetrics
+from osd.serving.metrics import MetricsMirror, ServingMetrics, accepted_by_source
 from osd.serving.streaming import Cancelled, PreparedRequest, SSEStream, usage_of
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class ServingCore:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.dtype = str(engine.target.dtype).removeprefix("torch.")  # what /health and each response's osd report
+        # Suffix speculation: only the tree engine merges suffix candidates (build_engine picks it for config.suffix).
+        self.suffix = engine.config.suffix is not None and isinstance(engine, TreeSpeculativeEngine)
         self.recorder = recorder
         self.registry = registry
         self.vocab_size = int(engine.target.config.vocab_size)
@@ -236,7 +239,8 @@ class ServingCore:
                     raise Cancelled
                 live = self.live_draft(prep.cluster)  # read once: draft and version travel together
                 gen = self.engine.generate(prep.prompt_ids, prep.params, draft_version=live.version,
-                                           cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft)
+                                           cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft,
+                                           request_id=prep.request_id.split("-", 1)[1])  # ties the record to the response id
             finally:
                 with self._state_lock:
                     self._running -= 1
@@ -244,9 +248,8 @@ class ServingCore:
         if self.dashboard is not None:  # queued for a background thread: never waits for Redis
             s = gen.stats
             self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
-                                        s.target_forwards, s.elapsed_s)
+                                        s.target_forwards, s.elapsed_s, accepted=accepted_by_source(s))
         if gen.record is not None and self.recorder is not None:
-            gen.record.request_id = prep.request_id.split("-", 1)[1]  # ties the record to the response id
             self.recorder.submit(gen.record)  # never blocks, never raises
         return gen, prep.cluster, live
 
@@ -254,7 +257,8 @@ class ServingCore:
         s = gen.stats
         return OsdStats(draft_version=live.version, cluster=cluster, draft_cluster=live.lineage, proposed=s.proposed, accepted=s.accepted,
                         rounds=s.rounds, mean_acceptance_length=s.mean_acceptance_length, alpha_hat=s.alpha_hat,
-                        target_forwards=s.target_forwards, dtype=self.dtype)
+                        target_forwards=s.target_forwards, accepted_by_source=accepted_by_source(s),
+                        suffix=self.suffix, dtype=self.dtype)
 
     def chunk(self, prep: PreparedRequest, content: str | Delta | None, finish_reason: str | None = None,
                osd: OsdStats | None = None, usage: Usage | None = None) -> CompletionChunk | ChatCompletionChunk:
@@ -426,8 +430,11 @@ class ServingCore:
         # Per cluster draft: does speculation pay here (the governor's estimates), or is it backed off?
         governors = {c: g.describe() for c, d in pairs.items()
                      if d.draft is not None and (g := self.engine.governor(d.draft)) is not None}
+        # Suffix speculation: on or off, and the size of each cluster's traffic index (plain reads, no locks).
+        traffic = self.engine.traffic.stats() if self.engine.traffic is not None else {}
         return {"status": "ok", "model": self.model_name, "dtype": self.dtype, "drafts": drafts,
-                "speculation": {"mode": self.engine.config.speculation, "drafts": governors}, **self.load()}
+                "speculation": {"mode": self.engine.config.speculation, "drafts": governors},
+                "suffix": {"enabled": self.suffix, "traffic": traffic}, **self.load()}
 
     def metrics_text(self) -> str:
         with self._pair_lock:
@@ -460,6 +467,10 @@ class ServingCore:
             counters["osd:dashboard_points_dropped"] = (
                 "Dashboard points dropped while Redis was unavailable (queue overflow).",
                 {(): float(self.dashboard.dropped)})
+        if self.engine.traffic is not None:
+            traffic = self.engine.traffic.stats()
+            for name, field, help_text in _TRAFFIC_GAUGES:
+                gauges[name] = (help_text, {(("cluster", c),): float(v[field]) for c, v in traffic.items()})
         gauges |= self._shared_gauges(counters)
         return self.metrics.prometheus_text(gauges, counters)
 
@@ -497,6 +508,10 @@ _BUFFER_GAUGES = (
     ("osd:buffer_length", "length", "Training records in the cluster's buffer stream."),
     ("osd:buffer_pending", "pending", "Records delivered to a trainer and not yet acked."),
     ("osd:buffer_lag", "lag", "Records not yet delivered to a trainer."),
+)
+_TRAFFIC_GAUGES = (  # this replica's suffix traffic index (osd/decoding/suffix.py TrafficIndex), per cluster
+    ("osd:suffix_traffic_tokens", "tokens", "Tokens in the cluster's suffix traffic index (cluster_tokens)."),
+    ("osd:suffix_traffic_requests", "requests", "Requests in the cluster's suffix traffic index (cluster_requests)."),
 )
 _TRAINER_METRICS = (  # (name, field of DashboardStore.trainer_counters, help, is a counter)
     ("osd:trainer_updates", "updates", "Trainer updates (each ends with a gate decision).", True),

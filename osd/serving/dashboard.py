@@ -35,6 +35,7 @@ from osd.serving.dashboard_schema import (
     ClusterRow,
     DashboardData,
     RequestPoint,
+    SourceShare,
     SwapEvent,
     TrainerPoint,
 )
@@ -87,11 +88,12 @@ class DashboardStore:
     # -- writing ---------------------------------------------------------------------------------
 
     def post_request(self, cluster: str, version: int, alpha: float | None, tokens: int, forwards: int,
-                     seconds: float) -> None:
+                     seconds: float, accepted: Mapping[str, int] | None = None) -> None:
         """A finished request: its α̂ (None without a draft), tokens generated, target decode
-        forwards, and generation time."""
+        forwards, generation time, and its accepted tokens by source ({draft, suffix, both})."""
         self._post("requests", dict(t=self.clock(), cluster=cluster, version=version, alpha=alpha, tokens=tokens,
-                                    forwards=forwards, seconds=seconds))
+                                    forwards=forwards, seconds=seconds,
+                                    accepted=dict(accepted) if accepted is not None else None))
 
     def post_swap(self, cluster: str, version: int, kind: str) -> None:
         """``version`` went live for ``cluster`` ('promoted' by the trainer or an admin 'rollback')."""
@@ -244,7 +246,8 @@ def request_series(points: Iterable[dict], window: int) -> dict[str, list[Reques
     """Raw request points (oldest first) -> per-cluster series with moving averages over the
     last ``window`` requests of that cluster. α̂ averages skip requests without a draft; the
     throughput averages are ratios of sums (tokens / forwards, tokens / seconds), so long and
-    short requests weigh by their tokens as they do in wall-clock terms."""
+    short requests weigh by their tokens as they do in wall-clock terms; so do the shares of
+    accepted tokens by source (points posted without ``accepted`` are skipped)."""
     recent: dict[str, deque[dict]] = defaultdict(lambda: deque(maxlen=window))
     series: dict[str, list[RequestPoint]] = defaultdict(list)
     for p in points:
@@ -254,12 +257,15 @@ def request_series(points: Iterable[dict], window: int) -> dict[str, list[Reques
         tokens = sum(q["tokens"] for q in win)
         forwards = sum(q["forwards"] for q in win)
         seconds = sum(q["seconds"] for q in win)
+        by_source = {k: sum((q.get("accepted") or {}).get(k, 0) for q in win) for k in ("draft", "suffix", "both")}
+        accepted = sum(by_source.values())
         series[p["cluster"]].append(RequestPoint(
             t=p["t"], version=p["version"], alpha=p["alpha"],
             alpha_ma=sum(alphas) / len(alphas) if alphas else None,
             tokens_per_forward_ma=tokens / forwards if forwards else 0.0,
             tokens_per_s_ma=tokens / seconds if seconds > 0 else 0.0,
-            latency_s=p["seconds"]))
+            latency_s=p["seconds"],
+            source_share_ma=SourceShare(**{k: n / accepted for k, n in by_source.items()}) if accepted else None))
     return dict(series)
 
 

@@ -15,6 +15,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SourceShare(_Frozen):
+    """Shares of accepted tokens by who proposed them (they sum to 1)."""
+
+    draft: float = Field(description="Proposed by the draft only.")
+    suffix: float = Field(description="Proposed by suffix speculation only (the request's own text or recent traffic).")
+    both: float = Field(description="Proposed by both.")
+
+
 class RequestPoint(_Frozen):
     """One finished request, as a point of its cluster's series."""
 
@@ -25,6 +33,8 @@ class RequestPoint(_Frozen):
     tokens_per_forward_ma: float = Field(description="Moving window: generated tokens / target decode forwards.")
     tokens_per_s_ma: float = Field(description="Moving window: generated tokens / generation seconds.")
     latency_s: float = Field(description="This request's generation time in seconds.")
+    source_share_ma: SourceShare | None = Field(None, description="Moving window: shares of accepted tokens by source; "
+                                                                  "null while the window accepted none.")
 
 
 class SwapEvent(_Frozen):

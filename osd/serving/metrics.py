@@ -16,7 +16,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from osd.decoding.engine import Generation
+from osd.decoding.engine import Generation, SpecStats
 
 REQUEST_LABELS = ("cluster", "draft_version")
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -29,6 +29,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "osd:spec_decode_num_accepted_tokens": ("Draft tokens accepted by the target.", REQUEST_LABELS),
     "osd:spec_decode_num_accepted_tokens_per_pos": ("Accepted draft tokens by position in the round (0 = first).",
                                                     (*REQUEST_LABELS, "position")),
+    "osd:spec_decode_num_accepted_tokens_by_source": ("Accepted tokens by who proposed them (draft, suffix, both).",
+                                                      (*REQUEST_LABELS, "source")),
     "osd:spec_decode_alpha_sum": ("Sum over verified positions of sum_x min(p, q); alpha-hat = rate(sum) / rate(count).",
                                   REQUEST_LABELS),
     "osd:spec_decode_alpha_count": ("Verified positions contributing to alpha_sum.", REQUEST_LABELS),
@@ -44,6 +46,14 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "osd:request_tokens_per_second": ("Per-request generation speed (output tokens / generation seconds).",
                                       (1, 2, 5, 10, 15, 20, 30, 40, 60, 100, 200, 500)),
 }
+
+
+def accepted_by_source(stats: SpecStats) -> dict[str, int]:
+    """Accepted tokens by who proposed them (draft, suffix, both: TreeStats' split); a chain engine's
+    stats have no split, so all are the draft's."""
+    if not hasattr(stats, "accepted_suffix_only"):
+        return {"draft": stats.accepted, "suffix": 0, "both": 0}
+    return {"draft": stats.accepted_draft_only, "suffix": stats.accepted_suffix_only, "both": stats.accepted_both}
 
 
 @dataclass
@@ -109,6 +119,8 @@ class ServingMetrics:
             self._add("osd:spec_decode_num_accepted_tokens", key, s.accepted)
             for pos, n in enumerate(s.accepted_per_position):
                 self._add("osd:spec_decode_num_accepted_tokens_per_pos", (*key, str(pos)), n)
+            for source, n in accepted_by_source(s).items():
+                self._add("osd:spec_decode_num_accepted_tokens_by_source", (*key, source), n)
             self._add("osd:spec_decode_alpha_sum", key, s.beta_sum)
             self._add("osd:spec_decode_alpha_count", key, s.beta_count)
             self._add("osd:target_forwards", key, s.target_forwards)

@@ -136,8 +136,8 @@ class TwinDrafter:
 class TwinEngine(EarlyExitEngine):
     policy = "confidence"
 
-    def _make_drafter(self, draft, cache):
-        early = super()._make_drafter(draft, cache)
+    def _make_drafter(self, draft, cache, prompt_ids, cluster):
+        early = super()._make_drafter(draft, cache, prompt_ids, cluster)
         if self.policy == "confidence":
             plain = Drafter(draft, ConfidenceStop(self.exit_threshold))
         else:
@@ -212,7 +212,7 @@ def test_no_hook_remains_and_caches_are_restored_when_generate_raises(monkeypatc
     # A failure mid-draft still hands the borrowed target-cache positions back.
     caches = []
     real_make = engine._make_drafter
-    monkeypatch.setattr(engine, "_make_drafter", lambda d, c: caches.append(c) or real_make(d, c))
+    monkeypatch.setattr(engine, "_make_drafter", lambda d, c, p, k: caches.append(c) or real_make(d, c, p, k))
     real_step, steps = EarlyExitDrafter._step, []
 
     def failing_step(self, *args):

@@ -484,7 +484,7 @@ def test_sampled_sequences_follow_the_target(tree, temperature, top_p, top_k):
 
 
 def test_acceptance_calibration_learns_from_outcomes():
-    from osd.decoding.tree_engine import AcceptanceCalibration
+    from osd.decoding.calibration import AcceptanceCalibration
 
     cal = AcceptanceCalibration()
     q = torch.tensor([0.02, 0.5])

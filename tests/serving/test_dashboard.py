@@ -56,6 +56,24 @@ def test_moving_averages_are_per_cluster_and_over_the_last_window():
     assert [p.t for p in series["b"]] == [0, 3, 6, 9]
 
 
+def test_accepted_token_shares_by_source_are_ratios_of_sums_over_the_window(store_factory):
+    store = store_factory(DashboardConfig(window=2))
+    store.post_request("a", 0, 0.5, 10, 5, 0.5)  # posted without a split (as before suffix speculation)
+    store.post_request("a", 0, 0.5, 10, 5, 0.5, accepted={"draft": 6, "suffix": 0, "both": 2})
+    store.post_request("a", 0, 0.5, 10, 5, 0.5, accepted={"draft": 0, "suffix": 8, "both": 0})
+    store.post_request("a", 0, None, 10, 10, 0.5, accepted={"draft": 0, "suffix": 0, "both": 0})
+    store.post_request("b", 0, None, 10, 10, 0.5, accepted={"draft": 0, "suffix": 0, "both": 0})
+    assert store.flush()
+    data = store.data()
+    DashboardData.model_validate_json(data.model_dump_json())
+    shares = [p.source_share_ma.model_dump() if p.source_share_ma else None for p in data.series["a"]]
+    assert shares[0] is None  # nothing accepted in the window (the point carries no split)
+    assert shares[1] == pytest.approx({"draft": 0.75, "suffix": 0.0, "both": 0.25})
+    assert shares[2] == pytest.approx({"draft": 6 / 16, "suffix": 8 / 16, "both": 2 / 16})  # tokens weigh, not requests
+    assert shares[3] == pytest.approx({"draft": 0.0, "suffix": 1.0, "both": 0.0})  # window of 2: the last two
+    assert data.series["b"][0].source_share_ma is None
+
+
 def test_history_round_trips_through_redis_and_builds_the_table(store_factory):
     clock = Clock()
     store = store_factory(DashboardConfig(window=4), clock)

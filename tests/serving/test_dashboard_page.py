@@ -24,6 +24,7 @@ from osd.serving.dashboard_schema import (
     ClusterRow,
     DashboardData,
     RequestPoint,
+    SourceShare,
     SwapEvent,
     TrainerPoint,
 )
@@ -173,6 +174,29 @@ def test_dashboard_draws_synthetic_data(chromium):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1020, 1366)
     assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 50  # not a blank page
+
+
+def test_accepted_tokens_by_source_table(chromium):
+    """A cluster whose window accepted tokens gets a row of shares by source (its latest point's);
+    one without them gets none, and with none anywhere the table stays hidden."""
+    data = synthetic_data()
+    share = SourceShare(draft=0.5, suffix=0.375, both=0.125)
+    chat = [p.model_copy(update={"source_share_ma": share}) for p in data.series["chat"]]
+    with_shares = data.model_copy(update={"series": {**data.series, "chat": chat}})
+    with serving(dashboard_app([with_shares])) as url:
+        dom = Dom(render(f"{url}/dashboard", window=(1366, 1020)))
+    assert dom.by_id("sources").get("hidden") is None
+    (row,) = dom.all(tag="tr", data_source_cluster="chat")
+    assert (row["data-draft"], row["data-suffix"], row["data-both"]) == ("0.5000", "0.3750", "0.1250")
+    assert row["text"] == "chat" + "50%" + "38%" + "13%"  # the cells, in order (0.375 rounds to 38%)
+    assert not dom.all(tag="tr", data_source_cluster="math")
+    assert "last 20 requests" in dom.by_id("sources")["text"]
+    assert len(dom.all(tag="tr", data_cluster="chat")) == 1  # the clusters table keeps its one row per cluster
+
+    with serving(dashboard_app([synthetic_data()])) as url:
+        dom = Dom(render(f"{url}/dashboard", window=(1366, 1020)))
+    assert int(dom.body()["data-rendered"]) >= 1
+    assert dom.by_id("sources").get("hidden") is not None and not dom.all(tag="tr", data_source_cluster="chat")
 
 
 def test_failed_fetch_shows_banner(chromium):
