@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-clusters: setup  ## ~15-30 min on 2 cores: 4 categories mixed, per-cluster
 
 bench-trees: setup  ## ~20 min on 2 cores, after bench-distill (its records): chains, adaptive length, trees, early exit
 	$(VENV)/bin/osd bench trees
+
+bench-suffix: setup  ## ~17 min on 2 cores: suffix speculation, the draft, and both fused, per Spec-Bench category
+	$(VENV)/bin/osd bench suffix
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

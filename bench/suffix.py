@@ -180,7 +180,7 @@ def render_markdown(result: dict) -> str:
     sources = {c: s["accepted_by_source"] for c, s in fused.items()}
     matching = min(s[m]["share_matching_target"] for s in result["per_category"].values() for m in methods)
     return "\n".join([
-        "### Suffix speculation fused with the draft (`osd bench suffix`)", "",
+        "## Suffix speculation fused with the draft (`osd bench suffix`)", "",
         f"{cfg['target']} in {cfg['dtype']}, {cfg['max_tokens']} new tokens, {cfg['per_category']} held-out prompts "
         f"per category after {cfg['warm_traffic']} seen ones, greedy; draft: first {cfg['draft_layers']} layers "
         f"distilled on {cfg['distillation']['records'] if cfg['distillation'] else 0} GSM8K records "

@@ -20,12 +20,12 @@ def config_reference(models: list[type[BaseModel]]) -> str:
 
 def all_config_models() -> list[type[BaseModel]]:
     from actors.config import OsdAppConfig
-    from osd.config import EngineConfig, ModelConfig, SamplingParams, TreeConfig
+    from osd.config import EngineConfig, ModelConfig, SamplingParams, SuffixConfig, TreeConfig
     from osd.data.buffer import BufferConfig
     from osd.registry import RegistryConfig
     from osd.router import RouterConfig
     from osd.serving.dashboard import DashboardConfig
     from trainers.config import DistillConfig, TrainerSettings
 
-    return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, TreeConfig, SamplingParams, BufferConfig, RegistryConfig,
-            DistillConfig, DashboardConfig, RouterConfig]
+    return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, TreeConfig, SuffixConfig, SamplingParams,
+            BufferConfig, RegistryConfig, DistillConfig, DashboardConfig, RouterConfig]
