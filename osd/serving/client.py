@@ -33,7 +33,9 @@ def replay(url: str, questions: list[dict], max_tokens: int = 64, timeout_s: flo
             results.append({"question_id": q["question_id"], "category": q["category"], "tokens": tokens,
                             "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                             "draft_version": osd.get("draft_version"), "alpha_hat": osd.get("alpha_hat"),
-                            "mean_acceptance_length": osd.get("mean_acceptance_length")})
+                            "mean_acceptance_length": osd.get("mean_acceptance_length"),
+                            "target_forwards": osd.get("target_forwards"),
+                            "accepted_by_source": osd.get("accepted_by_source") or {}})
     return results
 
 
@@ -43,8 +45,11 @@ def cmd_replay(args) -> int:
     print(f"replaying {len(questions)} questions to {args.url} ...")
     for r in replay(args.url, questions, args.max_tokens):
         alpha = f"{r['alpha_hat']:.3f}" if r["alpha_hat"] is not None else "n/a"
+        per_forward = r["tokens"] / r["target_forwards"] if r["target_forwards"] else 1.0
+        src = r["accepted_by_source"]
         print(f"  {r['category']:<15} {r['tokens']:4d} tokens {r['tokens_per_s']:6.1f} tok/s  "
-              f"draft v{r['draft_version']}  α̂ {alpha}  accept len {r['mean_acceptance_length']:.2f}")
+              f"{per_forward:.2f} tok/fwd  accepted from suffix {src.get('suffix', 0) + src.get('both', 0)}, "
+              f"draft {src.get('draft', 0) + src.get('both', 0)}  draft v{r['draft_version']}  α̂ {alpha}")
     return 0
 
 

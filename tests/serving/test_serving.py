@@ -508,3 +508,5 @@ def test_replay_client_reports_what_the_endpoint_served(stack):
     results = replay(str(stack["http"].base_url), questions, max_tokens=8)
     assert [r["question_id"] for r in results] == [0, 1]
     assert all(1 <= r["tokens"] <= 8 and r["draft_version"] is not None and r["tokens_per_s"] > 0 for r in results)
+    assert all(1 <= r["target_forwards"] <= r["tokens"] and set(r["accepted_by_source"]) == {"draft", "suffix", "both"}
+               for r in results)
