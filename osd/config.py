@@ -52,9 +52,14 @@ class ModelConfig(_Strict):
     dtype: str = Field("auto", description="Weights dtype of target and draft: auto, float32, bfloat16 or float16. "
                                            "auto = bfloat16 on CUDA with bf16 and on CPUs with AVX512-BF16/AMX-BF16, else float32.")
     transpose_weights: bool | None = Field(
-        None, description="Lay target Linear weights out [in, out] (faster multi-token verification in fp32 on CPU); "
-                          "None = on for float32 on CPU only.")
+        None, description="Lay target Linear weights out [in, out] (MKL's fp32 kernel for 3-16 rows depends on it); "
+                          "None = measure both layouts at load for float32 on CPU and keep the faster (T(1)+T(8)), "
+                          "standard elsewhere.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves torch's default.")
+    compile: bool = Field(
+        False, description="torch.compile (inductor, dynamic shapes) the target's forward: measured 1.2x faster per "
+                           "forward in bf16 on 2 CPU threads, but compiling took ~4.5 min there (paid at start by the "
+                           "warm-up), so off by default (bench/compile_trial.py).")
 
     @field_validator("dtype")
     @classmethod

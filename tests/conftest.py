@@ -12,8 +12,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def smollm2():
     """The packaged SmolLM2 target, its tokenizer and the default 2-layer self-draft, as `make run` loads them
-    on a CPU without bf16 instructions: float32, [in, out] target layout (dtype "auto" would pick bf16 on
-    AVX512-BF16 machines; tests/decoding/test_bf16.py covers bf16)."""
+    on a CPU without bf16 instructions: float32, the faster weight layout measured at load (dtype "auto" would
+    pick bf16 on AVX512-BF16 machines; tests/decoding/test_bf16.py covers bf16)."""
     from osd.config import ModelConfig
     from osd.decoding.engine import build_engine
 

@@ -99,27 +99,53 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return dtype_choice(name, device)[0]
 
 
-def wants_transposed_layout(setting: bool | None, model: nn.Module) -> bool:
-    """ModelConfig.transpose_weights: None = only float32 on CPU, where MKL needs the [in, out]
-    layout for a flat multi-token cost (transpose_linear_weights); bf16 runs faster in the
-    standard layout (measured, see osd.decoding.cost)."""
+def wants_transposed_layout(setting: bool | None, model: nn.Module) -> bool | None:
+    """ModelConfig.transpose_weights: True/False as set; None = "measure" (None returned) for float32 on
+    CPU, where MKL's kernel for 3–16 rows depends on the layout, and False elsewhere (bf16 and GPUs
+    run the standard layout at least as fast; measured, see docs/benchmarks.md)."""
     if setting is not None:
         return setting
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32
+    return None if p.device.type == "cpu" and p.dtype == torch.float32 else False
+
+
+def faster_layout(model: nn.Module, ks: tuple[int, ...] = (1, 8), reps: int = 4) -> tuple[bool, dict]:
+    """Time ``model`` in both weight layouts on the serving shapes (one token, a verification of 8) and leave it
+    in the faster one. Returns (transposed, {"standard": ms, "transposed": ms}) with ms = Σ_k T(k)."""
+    from osd.decoding.cost import forward_cost_curve  # the cost module builds on the model modules
+
+    standard = sum(forward_cost_curve(model, ks=ks, reps=reps).values())
+    transpose_linear_weights(model)
+    transposed = sum(forward_cost_curve(model, ks=ks, reps=reps).values())
+    if transposed >= standard:
+        standard_linear_weights(model)
+    return transposed < standard, {"standard": standard, "transposed": transposed}
 
 
 def load_target(models, layout: bool = True) -> PreTrainedModel:
     """The configured target (``models``: an osd.config.ModelConfig) in its resolved dtype and,
-    with ``layout``, its weight layout (wants_transposed_layout); the choice is logged here."""
+    with ``layout``, its weight layout (wants_transposed_layout: set, or measured); the choice is logged."""
     dtype, why = dtype_choice(models.dtype, models.device)
     target = load_causal_lm(models.target, device=models.device, dtype=dtype)
     transposed = layout and wants_transposed_layout(models.transpose_weights, target)
-    if transposed:
+    how = "as set" if models.transpose_weights is not None else "the default off float32 CPUs"
+    if transposed is None:
+        transposed, ms = faster_layout(target)
+        how = f"measured: T(1)+T(8) {ms['transposed']:.0f} ms [in, out] vs {ms['standard']:.0f} ms standard"
+    elif transposed:
         transpose_linear_weights(target)
-    log.info("osd: target %s on %s in %s (%s)%s", models.target, target.device, str(dtype).removeprefix("torch."),
-             why, ", [in, out] weight layout" if transposed else "")
-    return target
+    log.info("osd: target %s on %s in %s (%s), %s weight layout (%s)%s", models.target, target.device,
+             str(dtype).removeprefix("torch."), why, "[in, out]" if transposed else "standard", how,
+             ", torch.compile'd forward" if models.compile else "")
+    return compile_forward(target) if models.compile else target
+
+
+def compile_forward(model: PreTrainedModel) -> PreTrainedModel:
+    """Route ``model``'s forward through torch.compile (inductor, dynamic shapes, so the growing cache and the
+    varying verification widths do not recompile per size). Same values; the first call of each new graph
+    (prefill, decode, a tree's masked forward) compiles, which is what a replica's warm-up pays."""
+    model.forward = torch.compile(model.forward, dynamic=True)
+    return model
 
 
 def _packaged_smollm2_dir() -> Path:
@@ -210,13 +236,22 @@ def transpose_linear_weights(model: nn.Module) -> nn.Module:
     flattens the verification cost curve every speedup here rides on. Tied weights
     stay tied. Inference only: the values are unchanged, only the memory layout.
     """
+    return _relayout(model, lambda w: w.t().contiguous().t())
+
+
+def standard_linear_weights(model: nn.Module) -> nn.Module:
+    """Undo transpose_linear_weights: every Linear weight contiguous [out, in] again; ties kept."""
+    return _relayout(model, lambda w: w.contiguous())
+
+
+def _relayout(model: nn.Module, layout) -> nn.Module:
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in replaced:
             module.weight = replaced[id(module.weight)]
         elif isinstance(module, nn.Linear):
             w = module.weight
-            replaced[id(w)] = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+            replaced[id(w)] = nn.Parameter(layout(w.detach()), requires_grad=w.requires_grad)
             module.weight = replaced[id(w)]
     # A tied embedding seen before its LM head still points at the old tensor.
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

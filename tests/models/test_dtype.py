@@ -64,11 +64,31 @@ def test_model_config_defaults_to_auto():
         ModelConfig(dtype="fp8")
 
 
-def test_transposed_layout_only_for_fp32_on_cpu():
+def test_layout_is_measured_for_fp32_on_cpu_only():
     fp32 = tiny_llama(vocab=16)
     bf16 = tiny_llama(vocab=16).to(torch.bfloat16)
-    assert wants_transposed_layout(None, fp32) and not wants_transposed_layout(None, bf16)
+    assert wants_transposed_layout(None, fp32) is None and wants_transposed_layout(None, bf16) is False
     assert wants_transposed_layout(True, bf16) and not wants_transposed_layout(False, fp32)
+
+
+def test_faster_layout_keeps_the_faster_one_and_the_values(monkeypatch):
+    import osd.decoding.cost as cost
+
+    model = tiny_llama(vocab=16)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+    for transposed_ms, expect in ((1.0, True), (9.0, False)):
+        # The curve's timings decide: fake them (the real ones are noise on a tiny model); the layout is real.
+        fake = lambda m, **kw: {1: transposed_ms if not m.model.layers[0].mlp.up_proj.weight.is_contiguous() else 5.0}
+        monkeypatch.setattr(cost, "forward_cost_curve", fake)
+        chosen, ms = loading.faster_layout(model)
+        assert chosen is expect and ms == {"standard": 5.0, "transposed": transposed_ms}
+        assert model.model.layers[0].mlp.up_proj.weight.is_contiguous() is not expect
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, before, atol=1e-5)
+        loading.standard_linear_weights(model)
+        assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_load_target_resolves_lays_out_and_logs(tmp_path, monkeypatch, caplog):
@@ -80,5 +100,10 @@ def test_load_target_resolves_lays_out_and_logs(tmp_path, monkeypatch, caplog):
     assert target.dtype == torch.bfloat16 and target.model.layers[0].mlp.up_proj.weight.is_contiguous()
     assert f"osd: target {path} on cpu in bfloat16 (auto: AVX512-BF16)" in caplog.text
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2"})
-    target = loading.load_target(ModelConfig(target=str(path)))
-    assert target.dtype == torch.float32 and not target.model.layers[0].mlp.up_proj.weight.is_contiguous()  # [in, out]
+    with caplog.at_level("INFO", logger="osd.models.loading"):
+        target = loading.load_target(ModelConfig(target=str(path)))  # float32 on CPU: the layout is measured
+    assert target.dtype == torch.float32 and "weight layout (measured: T(1)+T(8)" in caplog.text
+    measured_transposed = not target.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert f"{'[in, out]' if measured_transposed else 'standard'} weight layout (measured" in caplog.text
+    target = loading.load_target(ModelConfig(target=str(path), transpose_weights=True))
+    assert not target.model.layers[0].mlp.up_proj.weight.is_contiguous()  # [in, out] as set
