@@ -507,6 +507,14 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache,
                            proposer, gain, int(self.target.config.vocab_size))
 
+    def warm_up(self, max_tokens: int = 8) -> float:
+        """SpeculativeEngine.warm_up, then forget what it taught: cold timings and a synthetic prompt would
+        mislead the draft's gain estimate and the suffix calibrations."""
+        seconds = super().warm_up(max_tokens)
+        self._draft_gains.clear()
+        self.suffix_calibrations.clear()
+        return seconds
+
     def draft_gain(self, draft: DraftModel) -> DraftGain | None:
         """What `draft` has been adding to fused trees (None before its first request)."""
         return self._draft_gains.get(draft)

@@ -235,6 +235,16 @@ def test_the_fused_tree_runs_the_draft_only_while_it_pays():
             assert s.draft_rounds <= 1 + s.target_forwards // gain.probe_every and gain.tokens < 0.5
 
 
+def test_warm_up_leaves_no_learnt_state_behind():
+    target, draft = tiny_pair(vocab=64, sharpness=3.0)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(suffix=SuffixConfig()), TreeConfig(), FLAT)
+    engine.generate([5, 6, 7, 5, 6], SamplingParams(max_tokens=4))  # a real request: learnt state and traffic
+    assert engine.draft_gain(draft) is not None and engine.suffix_calibrations
+    engine.warm_up()
+    assert engine.draft_gain(draft) is None and not engine.suffix_calibrations  # cold timings, synthetic prompt
+    assert engine.traffic.stats()["global"]["requests"] == 1  # the warm-up prompt is not traffic either
+
+
 def test_a_tree_with_both_sources_marks_them():
     target, draft = tiny_pair(vocab=64, sharpness=3.0)
     engine = TreeSpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(suffix=SuffixConfig(), record=False),
