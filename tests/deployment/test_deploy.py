@@ -306,6 +306,8 @@ def test_up_then_down_runs_osd_then_leaves_nothing(deployment, tmp_path):
     status, chat = get(f"{base}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"},
                        timeout=60)
     assert status == 200 and chat["usage"]["completion_tokens"] >= 1 and "draft_version" in chat["osd"]
+    # The shipped config serves suffix speculation fused with the draft (docs/suffix.md).
+    assert chat["osd"]["suffix"] is True and get(f"{base}/health")[1]["suffix"]["enabled"] is True
     # OSD_ADMIN_TOKEN reached the replicas through the Ray head's environment.
     status, _ = get(f"{base}/admin/drafts/global/sync", method="POST")
     assert status == 401
