@@ -185,6 +185,11 @@ class DraftGain:
             self.nodes = d * self.nodes + (1 - d) * draft_nodes
             self.ms = d * self.ms + (1 - d) * draft_ms
 
+    def describe(self) -> dict:
+        """The estimates, for /health."""
+        return {"draft_only_tokens_per_round": self.tokens, "draft_nodes": self.nodes, "draft_ms": self.ms,
+                "probe_every": self.interval}
+
     def pays(self, scores: list[float], curve: Mapping[int, float], max_nodes: int) -> bool:
         """scores: the suffix candidates' (maybe none). Run the draft this round?"""
         if self.ms == 0.0:

@@ -427,13 +427,20 @@ class ServingCore:
         with self._pair_lock:
             pairs = dict(self._drafts)
         drafts = {c: d.version for c, d in pairs.items()}
-        # Per cluster draft: does speculation pay here (the governor's estimates), or is it backed off?
-        governors = {c: g.describe() for c, d in pairs.items()
-                     if d.draft is not None and (g := self.engine.governor(d.draft)) is not None}
+        # Per cluster draft: does speculation pay here, or is it backed off? A chain's governor estimates; a fused
+        # tree's DraftGain (what the draft adds next to suffix candidates; absent before the draft's first request).
+        if self.suffix:
+            mode = "fused"
+            estimates = {c: g.describe() for c, d in pairs.items()
+                         if d.draft is not None and (g := self.engine.draft_gain(d.draft)) is not None}
+        else:
+            mode = self.engine.config.speculation
+            estimates = {c: g.describe() for c, d in pairs.items()
+                         if d.draft is not None and (g := self.engine.governor(d.draft)) is not None}
         # Suffix speculation: on or off, and the size of each cluster's traffic index (plain reads, no locks).
         traffic = self.engine.traffic.stats() if self.engine.traffic is not None else {}
         return {"status": "ok", "model": self.model_name, "dtype": self.dtype, "drafts": drafts,
-                "speculation": {"mode": self.engine.config.speculation, "drafts": governors},
+                "speculation": {"mode": mode, "drafts": estimates},
                 "suffix": {"enabled": self.suffix, "traffic": traffic}, **self.load()}
 
     def metrics_text(self) -> str:

@@ -80,6 +80,8 @@ def test_suffix_engine_reports_who_served_in_response_metrics_health_and_dashboa
     tokens = 2 * (min(SuffixConfig().max_ngram, len(prompt_ids)) + first["usage"]["completion_tokens"])
     traffic = health["suffix"]["traffic"]
     assert health["suffix"]["enabled"] is True and set(traffic) == {"global"}
+    # Speculation estimates are the fused tree's (what the draft adds next to suffix candidates), not a chain governor's.
+    assert health["speculation"]["mode"] == "fused" and health["speculation"]["drafts"]["global"]["draft_ms"] > 0
     assert (traffic["global"]["requests"], traffic["global"]["tokens"]) == (2, tokens)
     assert traffic["global"]["entries"] > 0
     assert metric(metrics, "osd:suffix_traffic_requests", cluster="global") == 2
