@@ -65,8 +65,12 @@ def _run(engine: SpeculativeEngine, prompt: list[int], params: SamplingParams, c
     s = out.stats
     row = {"output_ids": out.output_ids, "tokens": s.output_tokens, "seconds": s.elapsed_s, "prefill_s": s.prefill_s,
            "target_forwards": s.target_forwards, "rounds": s.rounds, "accepted": s.accepted}
-    for name in ("accepted_draft_only", "accepted_suffix_only", "accepted_both", "draft_rounds"):
-        row[name] = getattr(s, name, 0 if name != "accepted_draft_only" else s.accepted)
+    if hasattr(s, "accepted_suffix_only"):  # a tree's TreeStats: who proposed what, and when the draft ran
+        row |= {"accepted_draft_only": s.accepted_draft_only, "accepted_suffix_only": s.accepted_suffix_only,
+                "accepted_both": s.accepted_both, "draft_rounds": s.draft_rounds}
+    else:  # a chain: every proposal is the draft's, and it ran in every speculative round
+        row |= {"accepted_draft_only": s.accepted, "accepted_suffix_only": 0, "accepted_both": 0,
+                "draft_rounds": s.rounds}
     return row
 
 
