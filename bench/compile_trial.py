@@ -84,9 +84,9 @@ def render_markdown(result: dict) -> str:
              ", ".join(f"{o['op'].removeprefix('aten::')} {o['self_ms']:.1f}" for o in p["top_ops"][:4])]
             for p in prof]
     lines = [f"## Profile and torch.compile trial (`python -m bench.compile_trial`, {result['environment']['date']})", "",
-             f"{result['config']['target']} in {result['config']['dtype']}, {result['environment']['threads']} threads, "
-             "200-token preallocated cache. Profile: self CPU time of aten ops over a forward (the rest of the wall "
-             "time is Python and dispatch outside aten ops).", "",
+             (f"{result['config']['target']} in {result['config']['dtype']}, {result['environment']['threads']} threads, "
+              "200-token preallocated cache. Profile: self CPU time of aten ops over a forward (the rest of the wall "
+              "time is Python and dispatch outside aten ops)."), "",
              table(["forward", "k", "wall ms", "aten share of wall", "arithmetic share of aten", "top ops (self ms)"],
                    rows), ""]
     if trial["compiled"]:

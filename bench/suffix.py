@@ -23,12 +23,17 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from bench.report import environment, table, update_doc_section, write_json
 from bench.spec import distilled_draft
-from osd.config import EngineConfig, ModelConfig, SamplingParams, SuffixConfig, TreeConfig
+from osd.config import (
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SuffixConfig,
+    TreeConfig,
+)
 from osd.data.workloads import chat_prompt_ids, load_gsm8k_train, load_questions
 from osd.decoding.cost import forward_cost_curve, measure_verification_cost
 from osd.decoding.engine import SpeculativeEngine, build_engine
@@ -65,13 +70,10 @@ def _run(engine: SpeculativeEngine, prompt: list[int], params: SamplingParams, c
     s = out.stats
     row = {"output_ids": out.output_ids, "tokens": s.output_tokens, "seconds": s.elapsed_s, "prefill_s": s.prefill_s,
            "target_forwards": s.target_forwards, "rounds": s.rounds, "accepted": s.accepted}
-    if hasattr(s, "accepted_suffix_only"):  # a tree's TreeStats: who proposed what, and when the draft ran
-        row |= {"accepted_draft_only": s.accepted_draft_only, "accepted_suffix_only": s.accepted_suffix_only,
-                "accepted_both": s.accepted_both, "draft_rounds": s.draft_rounds}
-    else:  # a chain: every proposal is the draft's, and it ran in every speculative round
-        row |= {"accepted_draft_only": s.accepted, "accepted_suffix_only": 0, "accepted_both": 0,
-                "draft_rounds": s.rounds}
-    return row
+    split = s.accepted_by_source()
+    # A chain's draft runs in every speculative round; a tree counts the rounds its draft ran in.
+    return row | {"accepted_draft_only": split["draft"], "accepted_suffix_only": split["suffix"],
+                  "accepted_both": split["both"], "draft_rounds": getattr(s, "draft_rounds", s.rounds)}
 
 
 def _summarise(rows: list[dict]) -> dict:
@@ -185,12 +187,12 @@ def render_markdown(result: dict) -> str:
     matching = min(s[m]["share_matching_target"] for s in result["per_category"].values() for m in methods)
     return "\n".join([
         "## Suffix speculation fused with the draft (`osd bench suffix`)", "",
-        f"{cfg['target']} in {cfg['dtype']}, {cfg['max_tokens']} new tokens, {cfg['per_category']} held-out prompts "
+        (f"{cfg['target']} in {cfg['dtype']}, {cfg['max_tokens']} new tokens, {cfg['per_category']} held-out prompts "
         f"per category after {cfg['warm_traffic']} seen ones, greedy; draft: first {cfg['draft_layers']} layers "
         f"distilled on {cfg['distillation']['records'] if cfg['distillation'] else 0} GSM8K records "
         f"(c = {result['c']:.2f}); {env['threads']} threads, {env['date']}. Each cell: tokens per target forward · "
         f"decoding tok/s against the target alone in the same run (the prompt's prefill, the same work for every "
-        f"method, left out; end-to-end ratios in the JSON).", "",
+        f"method, left out; end-to-end ratios in the JSON)."), "",
         table(header, rows), "",
         f"Repeated stream: {cfg['stream_prompts']} prompts sent {cfg['repeats']}×, ratio over the repeats. "
         f"Fused accepted tokens by source (draft only / suffix only / both): "

@@ -60,6 +60,10 @@ class SpecStats:
         """Mean β over verified positions: the OSD paper's α. None without a draft."""
         return self.beta_sum / self.beta_count if self.beta_count else None
 
+    def accepted_by_source(self) -> dict[str, int]:
+        """Accepted tokens by who proposed them; a chain's proposals are all the draft's (TreeStats splits them)."""
+        return {"draft": self.accepted, "suffix": 0, "both": 0}
+
     @property
     def tokens_per_second(self) -> float:
         return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0

@@ -96,6 +96,9 @@ class TreeStats(SpecStats):
     accepted_both: int = 0  # accepted tokens both proposed
     draft_rounds: int = 0  # rounds the draft ran in (with suffix candidates it may sit a round out)
 
+    def accepted_by_source(self) -> dict[str, int]:
+        return {"draft": self.accepted_draft_only, "suffix": self.accepted_suffix_only, "both": self.accepted_both}
+
     @property
     def node_acceptance(self) -> float | None:
         return self.node_accepts / self.node_trials if self.node_trials else None
@@ -119,8 +122,7 @@ class TreeStats(SpecStats):
                 "tokens_per_target_forward": self.tokens_per_target_forward, "draft_s": self.draft_s,
                 "verify_s": self.verify_s, "analysis_s": self.analysis_s,
                 "mean_tree_nodes": sum(self.budgets) / len(self.budgets) if self.budgets else 0.0,
-                "accepted_by_source": {"draft": self.accepted_draft_only, "suffix": self.accepted_suffix_only,
-                                       "both": self.accepted_both},
+                "accepted_by_source": self.accepted_by_source(),
                 "draft_rounds": self.draft_rounds}
 
 

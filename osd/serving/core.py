@@ -73,7 +73,7 @@ from osd.serving.api import (
     to_sampling_params,
 )
 from osd.serving.dashboard import DashboardStore
-from osd.serving.metrics import MetricsMirror, ServingMetrics, accepted_by_source
+from osd.serving.metrics import MetricsMirror, ServingMetrics
 from osd.serving.streaming import Cancelled, PreparedRequest, SSEStream, usage_of
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class ServingCore:
         if self.dashboard is not None:  # queued for a background thread: never waits for Redis
             s = gen.stats
             self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
-                                        s.target_forwards, s.elapsed_s, accepted=accepted_by_source(s))
+                                        s.target_forwards, s.elapsed_s, accepted=s.accepted_by_source())
         if gen.record is not None and self.recorder is not None:
             self.recorder.submit(gen.record)  # never blocks, never raises
         return gen, prep.cluster, live
@@ -257,7 +257,7 @@ class ServingCore:
         s = gen.stats
         return OsdStats(draft_version=live.version, cluster=cluster, draft_cluster=live.lineage, proposed=s.proposed, accepted=s.accepted,
                         rounds=s.rounds, mean_acceptance_length=s.mean_acceptance_length, alpha_hat=s.alpha_hat,
-                        target_forwards=s.target_forwards, accepted_by_source=accepted_by_source(s),
+                        target_forwards=s.target_forwards, accepted_by_source=s.accepted_by_source(),
                         suffix=self.suffix, dtype=self.dtype)
 
     def chunk(self, prep: PreparedRequest, content: str | Delta | None, finish_reason: str | None = None,

@@ -16,7 +16,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from osd.decoding.engine import Generation, SpecStats
+from osd.decoding.engine import Generation
 
 REQUEST_LABELS = ("cluster", "draft_version")
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -46,14 +46,6 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "osd:request_tokens_per_second": ("Per-request generation speed (output tokens / generation seconds).",
                                       (1, 2, 5, 10, 15, 20, 30, 40, 60, 100, 200, 500)),
 }
-
-
-def accepted_by_source(stats: SpecStats) -> dict[str, int]:
-    """Accepted tokens by who proposed them (draft, suffix, both: TreeStats' split); a chain engine's
-    stats have no split, so all are the draft's."""
-    if not hasattr(stats, "accepted_suffix_only"):
-        return {"draft": stats.accepted, "suffix": 0, "both": 0}
-    return {"draft": stats.accepted_draft_only, "suffix": stats.accepted_suffix_only, "both": stats.accepted_both}
 
 
 @dataclass
@@ -119,7 +111,7 @@ class ServingMetrics:
             self._add("osd:spec_decode_num_accepted_tokens", key, s.accepted)
             for pos, n in enumerate(s.accepted_per_position):
                 self._add("osd:spec_decode_num_accepted_tokens_per_pos", (*key, str(pos)), n)
-            for source, n in accepted_by_source(s).items():
+            for source, n in s.accepted_by_source().items():
                 self._add("osd:spec_decode_num_accepted_tokens_by_source", (*key, source), n)
             self._add("osd:spec_decode_alpha_sum", key, s.beta_sum)
             self._add("osd:spec_decode_alpha_count", key, s.beta_count)

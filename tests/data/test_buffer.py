@@ -30,20 +30,6 @@ def make_record(cluster: str = "global", T: int = 4, k: int = 8, seed: int = 0) 
     )
 
 
-@pytest.fixture
-def make_buffer(redis_url):
-    made = []
-
-    def make(**overrides) -> RecordBuffer:
-        buf = RecordBuffer(BufferConfig(redis_url=redis_url, **overrides))
-        made.append(buf)
-        return buf
-
-    yield make
-    for buf in made:
-        buf.close()
-
-
 def ids_of(entries) -> list[str]:
     return [rec.request_id for _, rec in entries]
 

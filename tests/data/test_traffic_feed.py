@@ -34,18 +34,10 @@ def make_record(cluster: str, i: int) -> TrainingRecord:
 
 
 @pytest.fixture
-def make_buffer(redis_url):
-    prefix = f"test-feed-{uuid.uuid4().hex[:8]}:"  # streams no other test sees
-    made = []
-
-    def make(**overrides) -> RecordBuffer:
-        buf = RecordBuffer(BufferConfig(redis_url=redis_url, stream_prefix=prefix, **overrides))
-        made.append(buf)
-        return buf
-
-    yield make
-    for buf in made:
-        buf.close()
+def make_buffer(make_buffer):
+    """The shared factory (tests/support/redis_fixtures.py), on streams no other test sees."""
+    prefix = f"test-feed-{uuid.uuid4().hex[:8]}:"
+    return lambda **overrides: make_buffer(stream_prefix=prefix, **overrides)
 
 
 def request_ids(entries) -> list[str]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import redis
 
+from osd.data.buffer import BufferConfig, RecordBuffer
 from osd.data.redis_server import EmbeddedRedis
 
-__all__ = ["redis_server", "redis_url"]
+__all__ = ["make_buffer", "redis_server", "redis_url"]
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,18 @@ def redis_url(redis_server):
     finally:
         client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def make_buffer(redis_url):
+    """RecordBuffer(BufferConfig(redis_url=<this test's Redis>, **overrides)) factory; closes them after the test."""
+    made = []
+
+    def make(**overrides) -> RecordBuffer:
+        buf = RecordBuffer(BufferConfig(redis_url=redis_url, **overrides))
+        made.append(buf)
+        return buf
+
+    yield make
+    for buf in made:
+        buf.close()
