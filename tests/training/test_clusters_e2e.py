@@ -4,9 +4,11 @@ the same mixed stream.
 
 The two synthetic domains continue the *same* tokens differently: a run of a marker token (1 or 2)
 opens each sequence and every later token follows t → (3t + 1) or t → (3t + 2) (mod 32, shifted into
-8..39). A target trained on both (3 s on CPU) learns the marker-conditional rule; a 1-layer draft
-must learn it from records. One shared draft splits itself between the rules; a draft per
-cluster learns one rule each.
+8..39). A target trained on both (3 s on CPU) learns the marker-conditional rule. The draft has the
+capacity a small draft has against a large target's mixed traffic, made exact: it is a per-token
+(bigram) model that cannot see the marker, so one shared draft must split itself between the rules
+while a draft per cluster learns its cluster's rule outright. (With a draft that can attend to the
+marker, both learn the conditional rule to α̂ ≈ 0.98 and their difference is training noise.)
 """
 
 from __future__ import annotations
@@ -61,12 +63,26 @@ def target():
     return model.eval().requires_grad_(False)
 
 
+def bigram_draft(target) -> DraftModel:
+    """The target's first layer with its attention's value and output projections zeroed.
+
+    Zero V and O are a fixed point of gradient training (each one's gradient is a product with the
+    other), so the layer stays a function of the current token alone however long it trains.
+    """
+    model = build_self_draft(target, 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.zero_()
+            layer.self_attn.o_proj.weight.zero_()
+    return DraftModel(model)
+
+
 def run_mode(target, redis_url: str, tmp_path, stream, heldout, routed: bool) -> dict:
     """Serve ``stream`` (training as records arrive), then measure α̂ per domain on ``heldout``."""
     import redis
 
     redis.Redis.from_url(redis_url).flushall()
-    draft = DraftModel(build_self_draft(target, 1))
+    draft = bigram_draft(target)
     engine = SpeculativeEngine(target, char_tokenizer(VOCAB), draft, EngineConfig(speculation="always", gamma=3))
     bconf = BufferConfig(redis_url=redis_url)
     registry = DraftRegistry(FileStore(tmp_path / ("routed" if routed else "shared")))
@@ -97,18 +113,19 @@ def run_mode(target, redis_url: str, tmp_path, stream, heldout, routed: bool) ->
             osd = core.complete({"prompt": prompt, "max_tokens": 24, "temperature": 0})["osd"]
             alphas[DOMAIN[marker]].append(osd["alpha_hat"])
         lineages = {c: registry.live(c).version for c in registry.clusters()}
+        trained = [loop.distiller.draft for loop in trainers.loops.values()]
     finally:
         trainers.close()
         recorder.close()
         if router is not None:
             router.close()
-    return {"alpha": {d: sum(v) / len(v) for d, v in alphas.items()}, "assigned": assigned, "lineages": lineages}
+    return {"alpha": {d: sum(v) / len(v) for d, v in alphas.items()}, "assigned": assigned, "lineages": lineages, "trained": trained}
 
 
 @pytest.mark.timeout(600)
 def test_per_cluster_drafts_beat_one_shared_draft_on_their_own_domain(target, redis_url, tmp_path):
     rng = random.Random(1)
-    stream = [(m, sequence(m, 5, rng)) for m in [1, 2] * 32]  # 64 mixed requests
+    stream = [(m, sequence(m, 5, rng)) for m in [1, 2] * 48]  # 96 mixed requests
     heldout = [(m, sequence(m, 5, rng)) for m in [1, 2] * 6]
     shared = run_mode(target, redis_url, tmp_path, stream, heldout, routed=False)
     routed = run_mode(target, redis_url, tmp_path, stream, heldout, routed=True)
@@ -119,4 +136,8 @@ def test_per_cluster_drafts_beat_one_shared_draft_on_their_own_domain(target, re
     assert set(routed["lineages"]) == set(routed["assigned"]) and min(routed["lineages"].values()) >= 1
     print(f"α̂ shared {shared['alpha']}, per cluster {routed['alpha']}")
     for domain in ("A", "B"):
-        assert routed["alpha"][domain] > shared["alpha"][domain], (domain, shared["alpha"], routed["alpha"])
+        # measured: shared 0.59 / 0.37, per cluster 0.998 / 0.975 (0.88-0.91 on B after 64 requests)
+        assert routed["alpha"][domain] > shared["alpha"][domain] + 0.15, (domain, shared["alpha"], routed["alpha"])
+    # the capacity limit held: the draft's attention is still dead after training
+    trained = [lyr.self_attn.o_proj.weight for draft in routed["trained"] for lyr in draft.model.model.layers]
+    assert len(trained) == 2 and all(torch.count_nonzero(w) == 0 for w in trained)
