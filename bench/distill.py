@@ -51,6 +51,7 @@ from trainers.config import DistillConfig
 from trainers.distiller import OnlineDistiller, UpdateResult, collate, student_logits
 from trainers.gate import GateDecision, PromotionGate
 from trainers.losses import estimated_acceptance
+from trainers.shortlist import TokenTally, coverage
 
 ALPHA_GOAL = 0.6  # the issue's target for held-out α̂
 
@@ -209,32 +210,11 @@ def bytes_per_position(records: Sequence[TrainingRecord]) -> dict:
 
 
 def build_shortlist(records: Sequence[TrainingRecord], size: int, vocab: int) -> torch.Tensor:
-    """The `size` token ids carrying the most teacher probability mass in `records` (the stream only).
-
-    Ranked by summed teacher probability over every stored top-k entry (emitted tokens carry
-    most of it). If fewer ids were ever seen, the lowest unseen ids fill up: in a BPE vocab
-    low ids are the earliest merges, roughly the most frequent tokens.
-    """
-    size = min(size, vocab)
-    mass = torch.zeros(vocab, dtype=torch.float64)
-    for r in records:
-        mass.index_add_(0, r.teacher_token_ids.reshape(-1).long(), r.teacher_logprobs.reshape(-1).double().exp())
-        mass.index_add_(0, torch.tensor(r.output_ids, dtype=torch.long), torch.ones(len(r.output_ids), dtype=torch.float64))
-    seen = int((mass > 0).sum())
-    order = torch.argsort(mass, descending=True, stable=True)  # ties (unseen, 0 mass) keep ascending id order
-    picked = order[: min(size, seen)]
-    if picked.numel() < size:
-        rest = order[seen:]
-        picked = torch.cat([picked, rest[: size - picked.numel()]])
-    return torch.sort(picked).values
-
-
-def shortlist_coverage(shortlist: torch.Tensor, records: Sequence[TrainingRecord]) -> float:
-    """Share of the records' emitted tokens inside the shortlist: a ceiling on greedy acceptance."""
-    inside = torch.zeros(int(shortlist.max()) + 1, dtype=torch.bool)
-    inside[shortlist] = True
-    tokens = [t for r in records for t in r.output_ids]
-    return sum(1 for t in tokens if t < inside.numel() and inside[t]) / len(tokens) if tokens else 0.0
+    """The `size` token ids carrying the most teacher mass in `records` (the stream only), as the
+    trainer grows a shortlist from traffic (trainers.shortlist.TokenTally)."""
+    tally = TokenTally(vocab)
+    tally.add(records)
+    return tally.shortlist(size)
 
 
 @torch.inference_mode()
@@ -408,7 +388,8 @@ def distill_config(cons: Construction, lr: float, s: DistillBenchSettings, on_po
     return DistillConfig(loss=s.loss, lr=lr, update_interval=s.update_interval, steps_per_update=s.steps_per_update,
                          batch_size=s.batch_size, holdout_fraction=s.holdout_fraction, on_policy_ratio=on_policy_ratio,
                          mode=cons.mode, freeze_embeddings=cons.freeze_embeddings, freeze_head=cons.freeze_head,
-                         freeze_layers=list(cons.freeze_layers), seed=s.seed)
+                         freeze_layers=list(cons.freeze_layers), seed=s.seed,
+                         shortlist_size=0)  # heads are compared here with one fixed shortlist, not grown
 
 
 def train_on_stream(draft: DraftModel, records: Sequence[TrainingRecord], config: DistillConfig) -> _TracedDistiller:
@@ -614,7 +595,7 @@ def compare_constructions(target, tokenizer, stream_records, heldout_records, he
         basis = "predicted speedup (no end-to-end measurement)"
     log(f"[distill] winner: {winner['name']} (γ={winner['gamma']}) by {basis}")
     return {"lr": lrs, "lr_sweeps": sweeps, "shortlist_size": int(shortlist.numel()) if shortlist is not None else None,
-            "shortlist_coverage_heldout": shortlist_coverage(shortlist, heldout_records) if shortlist is not None else None,
+            "shortlist_coverage_heldout": coverage(shortlist, heldout_records) if shortlist is not None else None,
             "target_step_ms": t1, "target_forward_ms_by_new_tokens": {str(k): ms for k, ms in curve.items()},
             "v_by_gamma": {str(g): x for g, x in v.items()}, "variants": variants, "e2e_target": e2e_target,
             "winner": winner["name"], "winner_basis": basis, "_shortlist": shortlist}

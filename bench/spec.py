@@ -31,16 +31,24 @@ from tqdm.auto import tqdm
 from bench.distill import collect_records, train_on_stream
 from bench.report import environment, table, update_doc_section, write_json
 from osd.config import EngineConfig, ModelConfig, SamplingParams
-from osd.data.workloads import chat_prompt_ids, load_gsm8k_train, load_questions, spread_across_categories
+from osd.data.workloads import (
+    chat_prompt_ids,
+    load_gsm8k_train,
+    load_questions,
+    spread_across_categories,
+)
 from osd.decoding.cost import forward_cost_curve
 from osd.decoding.engine import SpeculativeEngine, build_engine
 from osd.models.loading import transpose_linear_weights
 from trainers.config import DistillConfig
+from trainers.shortlist import coverage
 
 CURVE_KS = (1, 2, 4, 8, 16, 32)
 # The measured recipe (docs/benchmarks.md, bench distill): frozen embeddings and head, lr 3e-3, 4 steps an update.
+# The service's recipe (trainers.config.DistillConfig's defaults), held-out share included: the
+# held-out records are what a grown shortlist's coverage is measured on.
 RECIPE = dict(lr=3e-3, steps_per_update=4, update_interval=8, batch_size=8, freeze_embeddings=True, freeze_head=True,
-              holdout_fraction=0.0)
+              holdout_fraction=0.2, shortlist_size=4096, shortlist_coverage=0.9)
 
 
 def _hf_generate(target, prompt, max_tokens, assistant=None):
@@ -84,7 +92,13 @@ def distilled_draft(engine: SpeculativeEngine, questions: list[dict], max_tokens
     distiller = train_on_stream(copy.deepcopy(engine.draft), records, DistillConfig(**RECIPE))
     log(f"[spec] distilled the draft on {len(records)} GSM8K-train records ({distiller.updates} updates) in "
         f"{time.perf_counter() - collected:.0f} s (records {collected - start:.0f} s)")
-    return distiller.candidate(), {"records": len(records), "updates": distiller.updates, **RECIPE}
+    trained = distiller.candidate()
+    grown = trained.shortlist
+    log(f"[spec] shortlist head: {'full' if grown is None else f'{grown.numel()} ids grown from traffic'}, "
+        f"held-out coverage {coverage(grown, list(distiller.holdout)):.3f}")
+    return trained, {"records": len(records), "updates": distiller.updates, **RECIPE,
+                     "shortlist_ids": None if grown is None else grown.numel(),
+                     "shortlist_heldout_coverage": coverage(grown, list(distiller.holdout))}
 
 
 def bench_dtype(args, dtype: str, questions: list[dict], train_questions: list[dict], log=print) -> dict:
@@ -132,13 +146,16 @@ def bench_dtype(args, dtype: str, questions: list[dict], train_questions: list[d
         s["x_hf_generate"] = s["tokens_per_s"] / hf
     curve = forward_cost_curve(target, ks=CURVE_KS)
     draft_step = forward_cost_curve(draft, ks=(1,), reps=40)[1]
+    trained_step = forward_cost_curve(trained, ks=(1,), reps=40)[1] if trained is not None else None
     governors = {name: e.governor(e.draft).describe() for name, e in engines.items() if e.draft is not None
                  and e.config.speculation == "auto"}
     return {"dtype": str(target.dtype).removeprefix("torch."), "layout": "[in, out]" if transposed else "standard",
             "summary": summary, "target_forward_ms": curve,
             "verification_ratio": {k: curve[k] / curve[1] for k in curve},
             "other_layout_forward_ms": _layout_curve(target, transposed) if args.layouts else None,
-            "draft_step_ms": draft_step, "c": draft_step / curve[1], "distillation": recipe, "governors": governors,
+            "draft_step_ms": draft_step, "c": draft_step / curve[1],
+            "distilled_draft_step_ms": trained_step, "c_distilled": trained_step / curve[1] if trained_step else None,
+            "distillation": recipe, "governors": governors,
             "per_question": rows}
 
 
@@ -188,6 +205,16 @@ def _summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _distilled_cost(p: dict) -> str:
+    """', distilled draft ...': its step and c through the shortlist it grew (results before that lack it)."""
+    if not p.get("c_distilled"):
+        return ""
+    d = p["distillation"]
+    head = "full head" if d.get("shortlist_ids") is None else (
+        f"{d['shortlist_ids']}-id shortlist grown from traffic, held-out coverage {d['shortlist_heldout_coverage']:.3f}")
+    return f"; distilled draft ({head}) {p['distilled_draft_step_ms']:.1f} ms: c = {p['c_distilled']:.3f}"
+
+
 def render_markdown(result: dict) -> str:
     cfg, env, parts = result["config"], result["environment"], result["by_dtype"]
     dtypes = list(parts)
@@ -223,7 +250,7 @@ def render_markdown(result: dict) -> str:
     for d in dtypes:
         p = parts[d]
         lines.append(f"- {d}: draft step {p['draft_step_ms']:.1f} ms, target step {p['target_forward_ms'][1]:.1f} ms: "
-                     f"c = {p['c']:.3f}; governors: " + "; ".join(
+                     f"c = {p['c']:.3f}" + _distilled_cost(p) + "; governors: " + "; ".join(
                          f"{n}: α {g['alpha']}, best γ {g['best_gamma']}, rounds {g['rounds']}"
                          for n, g in p["governors"].items()))
     return "\n".join(lines)

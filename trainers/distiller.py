@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from osd.data.records import TrainingRecord
-from osd.models.drafts import ACCEPTANCE_HEAD_PREFIX, DraftModel
+from osd.models.drafts import ACCEPTANCE_HEAD_PREFIX, SHORTLIST_KEY, DraftModel
 from trainers.config import DistillConfig
 from trainers.losses import distillation_loss
+from trainers.shortlist import TokenTally, coverage, grown_shortlist
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class UpdateResult:
     on_policy_rows: int
     records_seen: int  # every record added so far, held-out ones included
     seconds: float
+    shortlist_size: int = 0  # ids in the draft's shortlist head after this update; 0 = the full head
 
 
 class OnlineDistiller:
@@ -194,6 +196,7 @@ class OnlineDistiller:
         self.records_seen = 0
         self.updates = 0
         self.acceptance_head = None  # osd.decoding.stopping.AcceptanceHead once config.acceptance_head is on and it trained
+        self.tally = TokenTally(draft.vocab_size)  # target mass per token over the training records
         self.duplicates = 0
 
     def _freeze(self, hf: nn.Module) -> None:
@@ -245,6 +248,7 @@ class OnlineDistiller:
                 self.holdout.append(rec)
                 self._holdout_arrivals.append(self.records_seen)
                 continue
+            self.tally.add(rec)
             self._pending.append(rec)
             if len(self._pending) >= self.config.update_interval:
                 results.append(self.update())
@@ -282,10 +286,23 @@ class OnlineDistiller:
         self.updates += 1
         if cfg.acceptance_head != "off" and records:
             self._train_acceptance_head(records)
+        self._grow_shortlist()
         rows = sum(min(r.num_positions, cfg.max_seq_len) for r in records)
         on_policy = sum(int(r.on_policy_mask()[: cfg.max_seq_len].sum()) for r in records)
         return UpdateResult(self.updates, sum(losses) / len(losses) if losses else 0.0, len(losses), skipped,
-                            len(records), rows, on_policy, self.records_seen, time.perf_counter() - start)
+                            len(records), rows, on_policy, self.records_seen, time.perf_counter() - start,
+                            0 if self._shortlist is None else self._shortlist.numel())
+
+    def _grow_shortlist(self) -> None:
+        """Serve (and gate) the draft through the tally's shortlist once it qualifies (trainers.shortlist)."""
+        grown = grown_shortlist(self.tally, self._shortlist, self.holdout, self.config.shortlist_size,
+                                self.config.shortlist_coverage)
+        if grown is not self._shortlist:
+            log.info("distiller: shortlist head %s -> %d ids from %d records (held-out coverage %.3f)",
+                     "full" if self._shortlist is None else self._shortlist.numel(), grown.numel(),
+                     self.tally.records, coverage(grown, self.holdout))
+            self._shortlist = grown
+            self.draft.set_shortlist(grown)
 
     def _steps_for(self, n: int) -> int:
         """Steps for an update of n records. A full update's steps repeated on one or two records
@@ -353,11 +370,14 @@ class OnlineDistiller:
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """The current weights with the live draft's names and shapes (``draft.model.state_dict()``), plus
-        the acceptance head's under ``acceptance_head.`` once it trains (osd.models.published_state_dict)."""
+        the shortlist under ``shortlist`` when the draft has one and the acceptance head's under
+        ``acceptance_head.`` once it trains (osd.models.drafts.published_state_dict)."""
         if self._peft is None:
             state = {k: v.detach().clone() for k, v in self.draft.model.state_dict().items()}
         else:
             state = self._plain_model().state_dict()
+        if self._shortlist is not None:
+            state[SHORTLIST_KEY] = self._shortlist.detach().cpu().clone()
         if self.acceptance_head is not None:
             state |= {ACCEPTANCE_HEAD_PREFIX + k: v.detach().clone() for k, v in self.acceptance_head.state_dict().items()}
         return state

@@ -166,7 +166,8 @@ class TrainerLoop:
         if publish_adapters:
             if self.distill.mode != "lora":
                 raise ValueError("publishing adapters (cluster_drafts='lora') needs distill.mode='lora'")
-            self.distiller = distiller or OnlineDistiller(draft, self.distill)
+            # Replicas serve adapters over their own base's head: a grown shortlist would not reach them.
+            self.distiller = distiller or OnlineDistiller(draft, self.distill.model_copy(update={"shortlist_size": 0}))
             self.live = Live(self._load_adapter(cluster))
         else:
             self.live = Live(load_live_draft(self.holder, registry, cluster))  # start from what replicas serve

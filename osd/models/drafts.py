@@ -1,8 +1,8 @@
 """Drafts: the self-draft built from the target, the shortlist-head wrapper, published weights.
 
 A draft is a causal LM over the target's vocabulary wrapped in ``DraftModel``; what the
-trainer publishes (weights and an optional acceptance head) is loaded back with
-``load_published_state`` beside the live draft.
+trainer publishes (weights, the shortlist it grew from traffic, an optional acceptance head) is
+loaded back with ``load_published_state`` beside the live draft.
 """
 
 from __future__ import annotations
@@ -72,12 +72,25 @@ class DraftModel(nn.Module):
         # so it travels (and swaps) with them.
         self.acceptance_head = acceptance_head
         self.vocab_size = model.config.vocab_size
-        if shortlist is not None:
-            shortlist = torch.unique(shortlist.to(device=model.device, dtype=torch.long))
-            if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
-                raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
-        self.register_buffer("shortlist", shortlist, persistent=False)
+        self.register_buffer("shortlist", self._checked(shortlist), persistent=False)
         self._head_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def _checked(self, shortlist: torch.Tensor | None) -> torch.Tensor | None:
+        """shortlist: [K] token ids (any integer dtype, any order) → sorted unique int64 on the model's device."""
+        if shortlist is None:
+            return None
+        if shortlist.dim() != 1 or shortlist.is_floating_point():
+            raise ValueError(f"a shortlist is a 1-D tensor of integer token ids, got {shortlist.dtype} "
+                             f"{list(shortlist.shape)}")
+        shortlist = torch.unique(shortlist.to(device=self.model.device, dtype=torch.long))
+        if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
+            raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
+        return shortlist
+
+    def set_shortlist(self, shortlist: torch.Tensor | None) -> None:
+        """shortlist: [K] token ids to serve the head through from now on; None = the full head."""
+        self.shortlist = self._checked(shortlist)
+        self._head_cache = None
 
     @property
     def config(self):
@@ -160,39 +173,57 @@ def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers:
 # ---- a published draft version: the draft's weights, plus SpecDec++'s acceptance head when it has one
 
 ACCEPTANCE_HEAD_PREFIX = "acceptance_head."  # head tensors ride in the same safetensors file under this prefix
+# The shortlist a trainer grew from traffic rides along as [K] int64 token ids: a version's head is
+# served through the shortlist it was gated with. K varies from version to version.
+SHORTLIST_KEY = "shortlist"
 
 
 def published_state_dict(draft: DraftModel) -> dict[str, torch.Tensor]:
-    """What a trainer publishes for ``draft``: ``draft.model``'s weights and, if attached, the acceptance head's."""
+    """What a trainer publishes for ``draft``: ``draft.model``'s weights, its shortlist if it has one,
+    and the acceptance head's weights if attached."""
     state = {k: v.detach() for k, v in draft.model.state_dict().items()}
+    if draft.shortlist is not None:
+        state[SHORTLIST_KEY] = draft.shortlist.detach()
     if draft.acceptance_head is not None:
         state |= {ACCEPTANCE_HEAD_PREFIX + k: v.detach() for k, v in draft.acceptance_head.state_dict().items()}
     return state
 
 
 def published_specs(template: DraftModel, names) -> dict[str, tuple[list[int], torch.dtype]]:
-    """name -> (shape, dtype) a published version must match to load into ``template``'s construction;
-    ``names``: the version's tensor names (a version with a head must carry exactly the head's tensors)."""
+    """name -> (shape, dtype) a published version must match to load into ``template``'s construction.
+
+    ``names``: the version's tensors (a manifest's name -> (shape, dtype) or a state dict). A version
+    with a head must carry exactly the head's tensors; a shortlist may have any length (its ids are
+    checked when it loads).
+    """
     from osd.decoding.stopping import AcceptanceHead  # local: stopping is the drafting side
 
     specs = {k: (list(v.shape), v.dtype) for k, v in template.model.state_dict().items()}
     if any(name.startswith(ACCEPTANCE_HEAD_PREFIX) for name in names):
         head = AcceptanceHead(template.config.hidden_size)
         specs |= {ACCEPTANCE_HEAD_PREFIX + k: (list(v.shape), v.dtype) for k, v in head.state_dict().items()}
+    if SHORTLIST_KEY in names:
+        entry = names[SHORTLIST_KEY]
+        shape = list(entry.shape) if isinstance(entry, torch.Tensor) else list(entry[0])
+        specs[SHORTLIST_KEY] = (shape[:1], torch.int64)  # any length, one dimension
     return specs
 
 
 def load_published_state(template: DraftModel, state: dict[str, torch.Tensor]) -> DraftModel:
-    """A fresh eval-mode copy of ``template`` (same construction and shortlist) holding ``state``.
+    """A fresh eval-mode copy of ``template`` (same construction) holding ``state``: its weights, its
+    shortlist (else the template's) and its acceptance head (else none).
 
-    Raises RuntimeError (from load_state_dict) when names or shapes do not fit.
+    Raises RuntimeError (from load_state_dict) when names or shapes do not fit, ValueError when the
+    shortlist holds ids outside the vocabulary.
     """
     from osd.decoding.stopping import AcceptanceHead
 
-    weights = {k: v for k, v in state.items() if not k.startswith(ACCEPTANCE_HEAD_PREFIX)}
+    weights = {k: v for k, v in state.items() if not k.startswith(ACCEPTANCE_HEAD_PREFIX) and k != SHORTLIST_KEY}
     head_state = {k[len(ACCEPTANCE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(ACCEPTANCE_HEAD_PREFIX)}
     draft = copy.deepcopy(template)
     draft.model.load_state_dict(weights, strict=True)
+    if SHORTLIST_KEY in state:
+        draft.set_shortlist(state[SHORTLIST_KEY])
     draft.acceptance_head = None  # a version without a head must not keep the template's
     if head_state:
         device = next(template.parameters()).device

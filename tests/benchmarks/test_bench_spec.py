@@ -31,6 +31,7 @@ def test_bench_spec_command(smollm2, tmp_path):
         assert part["summary"]["osd_no_draft"]["x_target_alone"] == pytest.approx(1.0)
         assert part["verification_ratio"]["1"] == pytest.approx(1.0) and set(part["verification_ratio"]) == {
             "1", "2", "4", "8", "16", "32"}
-        assert part["distillation"]["records"] == 3 and part["c"] > 0
+        assert part["distillation"]["records"] == 3 and part["c"] > 0 and part["c_distilled"] > 0
+        assert 0.0 <= part["distillation"]["shortlist_heldout_coverage"] <= 1.0
     doc = (tmp_path / "benchmarks.md").read_text()
     assert "Does speculation pay here?" in doc and "osd_distilled_auto" in doc
