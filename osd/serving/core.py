@@ -337,7 +337,7 @@ class ServingCore:
                 "construction.")
         try:  # a copy of global's construction and shortlist, with these weights (and acceptance head)
             return load_published_state(template, dict(state_dict))
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # ValueError: a shortlist with ids outside the vocabulary
             raise DraftMismatchError(f"draft v{version} for cluster {cluster!r} failed to load: {e}") from e
 
     def _retire(self, pair: LiveDraft | None) -> None:
