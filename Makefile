@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,9 @@ bench-trees: setup  ## ~20 min on 2 cores, after bench-distill (its records): ch
 
 bench-suffix: setup  ## ~17 min on 2 cores: suffix speculation, the draft, and both fused, per Spec-Bench category
 	$(VENV)/bin/osd bench suffix
+
+bench-overhead: setup  ## ~5 min on 2 cores: the Ray/HTTP path against the engine in-process, one client
+	$(VENV)/bin/osd bench overhead --replica-threads 2 --questions 8
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

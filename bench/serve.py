@@ -407,9 +407,9 @@ def app_config(args: argparse.Namespace, redis_url: str, max_clients: int):
 
 @contextmanager
 def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[[str], None] = print,
-                      config_builder: Callable = app_config) -> Iterator[tuple[str, ServeTrainerControl, dict]]:
+                      config_builder: Callable = app_config) -> Iterator[tuple[str, ServeTrainerControl | None, dict]]:
     """Embedded Redis (unless --redis-url) + a local Ray (2 CPUs, no dashboard, temp dir) + the osd
-    app on a free loopback port; yields (url, trainer control, info). Everything it started is
+    app on a free loopback port; yields (url, trainer control (None without a trainer), info). Everything it started is
     stopped on the way out, error or Ctrl-C included; on an error the Ray logs are kept."""
     import ray
     from ray import serve
@@ -437,8 +437,10 @@ def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[
             f"on 127.0.0.1:{port} ...")
         t1 = time.perf_counter()
         deploy(config, name=APP_NAME, host="127.0.0.1", port=port, timeout_s=args.deploy_timeout)
-        control = ServeTrainerControl(serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP_NAME))
-        control.set_mode("paused")  # no training before the static phases
+        control = None  # a deployment without a trainer has nothing to control
+        if config.trainer.enabled:
+            control = ServeTrainerControl(serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP_NAME))
+            control.set_mode("paused")  # no training before the static phases
         info = {"ray_start_s": t1 - t0, "deploy_s": time.perf_counter() - t1, "redis": "external" if args.redis_url
                 else "embedded", "redis_url": redis_url,
                 "app": config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})}

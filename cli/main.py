@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.max_tokens is None:
-        args.max_tokens = {"serve": 48, "trees": 64, "suffix": 64}.get(args.which, 96)
+        args.max_tokens = {"serve": 48, "trees": 64, "suffix": 64, "overhead": 64}.get(args.which, 96)
     if args.which == "spec":
         from bench.spec import run_spec_bench
 
@@ -69,6 +69,10 @@ def cmd_bench(args) -> int:
         from bench.suffix import run_suffix_bench
 
         run_suffix_bench(args)
+    elif args.which == "overhead":
+        from bench.overhead import run_overhead_bench
+
+        run_overhead_bench(args)
     elif args.which == "trees":
         from bench.trees import run_trees_bench_command
 
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees", "suffix"],
+    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees", "suffix", "overhead"],
                        help="spec: does speculation pay here (per dtype: verification curve, HF generate and assisted generation, osd with no, an untrained and a distilled draft, speculation always vs auto); distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
@@ -123,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "one global draft, held-out α̂ per category; trees: one distilled draft as chains (fixed "
                             "and adaptive length), static and dynamic trees, and an early-exit self-draft; suffix: suffix speculation "
                             "(request + traffic index) alone, the draft alone, and both fused in one tree, per Spec-Bench "
-                            "category and on a repeated stream")
+                            "category and on a repeated stream; overhead: one request stream through the Ray Serve "
+                            "endpoint against the same engine in-process, with the service's speculation and with "
+                            "the target alone")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: the vendored copy in osd/data/questions)")
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.suffix import add_bench_suffix_args
 
     add_bench_suffix_args(bench)
+    from bench.overhead import add_bench_overhead_args
+
+    add_bench_overhead_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 
