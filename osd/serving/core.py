@@ -72,7 +72,7 @@ from osd.serving.api import (
     Usage,
     to_sampling_params,
 )
-from osd.serving.dashboard import DashboardStore
+from osd.serving.dashboard import DashboardStore, target_step_s
 from osd.serving.metrics import MetricsMirror, ServingMetrics
 from osd.serving.streaming import Cancelled, PreparedRequest, SSEStream, usage_of
 
@@ -248,7 +248,8 @@ class ServingCore:
         if self.dashboard is not None:  # queued for a background thread: never waits for Redis
             s = gen.stats
             self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
-                                        s.target_forwards, s.elapsed_s, accepted=s.accepted_by_source())
+                                        s.target_forwards, s.elapsed_s, accepted=s.accepted_by_source(),
+                                        prefill_s=s.prefill_s, target_step_s=target_step_s(self.engine, live.draft))
         if gen.record is not None and self.recorder is not None:
             self.recorder.submit(gen.record)  # never blocks, never raises
         return gen, prep.cluster, live

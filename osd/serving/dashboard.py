@@ -88,12 +88,16 @@ class DashboardStore:
     # -- writing ---------------------------------------------------------------------------------
 
     def post_request(self, cluster: str, version: int, alpha: float | None, tokens: int, forwards: int,
-                     seconds: float, accepted: Mapping[str, int] | None = None) -> None:
+                     seconds: float, accepted: Mapping[str, int] | None = None, prefill_s: float | None = None,
+                     target_step_s: float | None = None) -> None:
         """A finished request: its α̂ (None without a draft), tokens generated, target decode
-        forwards, generation time, and its accepted tokens by source ({draft, suffix, both})."""
+        forwards, generation time, its accepted tokens by source ({draft, suffix, both}), the
+        prefill's share of the generation time, and the target's single-token decode step as
+        the replica measured it (None: not measured; see :func:`target_step_s`)."""
         self._post("requests", dict(t=self.clock(), cluster=cluster, version=version, alpha=alpha, tokens=tokens,
                                     forwards=forwards, seconds=seconds,
-                                    accepted=dict(accepted) if accepted is not None else None))
+                                    accepted=dict(accepted) if accepted is not None else None,
+                                    prefill_s=prefill_s, target_step_s=target_step_s))
 
     def post_swap(self, cluster: str, version: int, kind: str) -> None:
         """``version`` went live for ``cluster`` ('promoted' by the trainer or an admin 'rollback')."""
@@ -242,12 +246,27 @@ class DashboardStore:
 # --------------------------------------------------------------------------- pure helpers
 
 
+def _speedup_terms(p: Mapping) -> tuple[float, float] | None:
+    """(seconds the target alone would take for the request's tokens, seconds its decoding took), or None
+    when the point lacks the measured single-token step or the prefill time (older points, or not measured)."""
+    step, prefill = p.get("target_step_s"), p.get("prefill_s")
+    if step is None or prefill is None:
+        return None
+    decode_s = p["seconds"] - prefill
+    return (p["tokens"] * step, decode_s) if decode_s > 0 else None
+
+
 def request_series(points: Iterable[dict], window: int) -> dict[str, list[RequestPoint]]:
     """Raw request points (oldest first) -> per-cluster series with moving averages over the
     last ``window`` requests of that cluster. α̂ averages skip requests without a draft; the
     throughput averages are ratios of sums (tokens / forwards, tokens / seconds), so long and
     short requests weigh by their tokens as they do in wall-clock terms; so do the shares of
-    accepted tokens by source (points posted without ``accepted`` are skipped)."""
+    accepted tokens by source (points posted without ``accepted`` are skipped).
+
+    The speedup against the target alone is a ratio of sums too: Σ tokens × target_step_s (what
+    the target alone would have spent decoding them, one single-token step per token) over
+    Σ (seconds − prefill_s) (what decoding them took), over the window's requests that carry
+    both; every request counts, those decoded plainly (≈ 1×) included, as the user saw them."""
     recent: dict[str, deque[dict]] = defaultdict(lambda: deque(maxlen=window))
     series: dict[str, list[RequestPoint]] = defaultdict(list)
     for p in points:
@@ -259,13 +278,19 @@ def request_series(points: Iterable[dict], window: int) -> dict[str, list[Reques
         seconds = sum(q["seconds"] for q in win)
         by_source = {k: sum((q.get("accepted") or {}).get(k, 0) for q in win) for k in ("draft", "suffix", "both")}
         accepted = sum(by_source.values())
+        own = _speedup_terms(p)
+        measured = [terms for q in win if (terms := _speedup_terms(q)) is not None]
+        alone, spent = sum(a for a, _ in measured), sum(d for _, d in measured)
         series[p["cluster"]].append(RequestPoint(
             t=p["t"], version=p["version"], alpha=p["alpha"],
             alpha_ma=sum(alphas) / len(alphas) if alphas else None,
             tokens_per_forward_ma=tokens / forwards if forwards else 0.0,
             tokens_per_s_ma=tokens / seconds if seconds > 0 else 0.0,
             latency_s=p["seconds"],
-            source_share_ma=SourceShare(**{k: n / accepted for k, n in by_source.items()}) if accepted else None))
+            source_share_ma=SourceShare(**{k: n / accepted for k, n in by_source.items()}) if accepted else None,
+            speedup=own[0] / own[1] if own else None,
+            speedup_ma=alone / spent if measured else None,
+            target_step_s=p.get("target_step_s")))
     return dict(series)
 
 
@@ -278,9 +303,30 @@ def cluster_rows(series: Mapping[str, list[RequestPoint]], swaps: list[SwapEvent
         points = series.get(c, [])
         hour_ago = [p for p in points if p.t <= now - HOUR_S]
         events = [s.t for s in swaps if s.cluster == c] + [t.t for t in trainer if t.cluster == c]
+        steps = [p.target_step_s for p in points if p.target_step_s is not None]
         rows.append(ClusterRow(
             cluster=c, live_version=live_versions.get(c),
             alpha_now=points[-1].alpha_ma if points else None,
             alpha_hour_ago=hour_ago[-1].alpha_ma if hour_ago else None,
-            requests=len(points), last_update=max(events) if events else None))
+            requests=len(points), last_update=max(events) if events else None,
+            speedup_now=points[-1].speedup_ma if points else None,
+            target_step_s=steps[-1] if steps else None))
     return rows
+
+
+def target_step_s(engine, draft) -> float | None:
+    """Seconds of the target's single-token decode step as this replica measured it: the yardstick
+    of the dashboard's speedup ("the target alone" decodes one token per such step).
+
+    A tree engine (suffix speculation, token trees) measured its verification cost curve T(k) at
+    start-up on the serving model, dtype and cache: T(1) is one token. A chain engine with
+    ``speculation='auto'`` times its plain rounds while serving (the governor of ``draft``, the
+    request's; a moving average). None where neither measured it: a chain with 'always', or a
+    request served without a draft by a chain. Reads the same public estimates as /health."""
+    curve = getattr(engine, "cost_curve", None)  # TreeSpeculativeEngine: ms by new tokens, None if not measured
+    if curve and 1 in curve:
+        return float(curve[1]) / 1000
+    if hasattr(engine, "cost_curve") or draft is None or engine.config.speculation != "auto":
+        return None  # a tree engine does not time plain rounds; a chain's governor exists only in 'auto'
+    ms = engine.governor(draft).describe()["verify_ms"].get(1)
+    return ms / 1000 if ms else None

@@ -4,6 +4,11 @@ Times are Unix seconds (float). Series are oldest first. Every moving average is
 last ``window`` requests *of that cluster* (fewer at the start of its history). ``alpha`` is
 the per-request α̂ (mean over verified positions of Σ_x min(p, q)); it is null for requests
 served without a draft. The schema is published at ``GET /dashboard/schema``.
+
+``speedup`` is measured, never predicted: the time the target alone would have taken for the
+same tokens (generated tokens × the target's single-token decode step, as this replica measured
+it) over the time decoding took (generation seconds less the prompt's prefill, which both pay
+alike). It is null where the replica had not measured the single-token step.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ class RequestPoint(_Frozen):
     latency_s: float = Field(description="This request's generation time in seconds.")
     source_share_ma: SourceShare | None = Field(None, description="Moving window: shares of accepted tokens by source; "
                                                                   "null while the window accepted none.")
+    speedup: float | None = Field(None, description="This request's speedup against the target alone: tokens × "
+                                                    "target_step_s / decode seconds; null without a measured step.")
+    speedup_ma: float | None = Field(None, description="Moving window: Σ tokens × target_step_s / Σ decode seconds over "
+                                                       "the window's requests with a measured step; null if none.")
+    target_step_s: float | None = Field(None, description="The target's single-token decode step (s) the replica had "
+                                                          "measured when this request finished; null if not measured.")
 
 
 class SwapEvent(_Frozen):
@@ -76,6 +87,10 @@ class ClusterRow(_Frozen):
     live_version: int | None = Field(description="Registry's live version (null: still the initial draft, v0).")
     alpha_now: float | None = Field(description="alpha_ma of the cluster's latest request.")
     alpha_hour_ago: float | None = Field(description="alpha_ma of its last request at least an hour old; null if none.")
+    speedup_now: float | None = Field(None, description="speedup_ma of the cluster's latest request: measured speedup "
+                                                        "against the target alone; null while unknown.")
+    target_step_s: float | None = Field(None, description="The latest measured single-token step of the target (s) "
+                                                          "behind speedup_now; null if none.")
     requests: int = Field(description="Requests of this cluster in the retained history.")
     last_update: float | None = Field(description="Time of its last trainer update or swap (Unix s); null if none.")
 

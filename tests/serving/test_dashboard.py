@@ -1,5 +1,6 @@
 """The drift dashboard's history store against a real Redis: moving averages, retention, two
-replicas sharing one history, Redis outages; the table and series it builds."""
+replicas sharing one history, Redis outages; the table and series it builds; the measured
+speedup against the target alone, from what a real ServingCore posts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import json
 import pytest
 import redis
 
-from osd.serving.dashboard import DashboardConfig, DashboardStore, request_series
+from osd.serving.dashboard import (
+    DashboardConfig,
+    DashboardStore,
+    request_series,
+    target_step_s,
+)
 from osd.serving.dashboard_schema import DashboardData
 
 
@@ -72,6 +78,86 @@ def test_accepted_token_shares_by_source_are_ratios_of_sums_over_the_window(stor
     assert shares[2] == pytest.approx({"draft": 6 / 16, "suffix": 8 / 16, "both": 2 / 16})  # tokens weigh, not requests
     assert shares[3] == pytest.approx({"draft": 0.0, "suffix": 1.0, "both": 0.0})  # window of 2: the last two
     assert data.series["b"][0].source_share_ma is None
+
+
+def test_speedup_against_the_target_alone_is_a_ratio_of_sums_over_the_window(store_factory):
+    """speedup = Σ tokens × target_step_s / Σ (seconds − prefill_s) over the window's requests that
+    carry both; the others (no measured step, or posted before prefill_s existed) are left out, and a
+    cluster with none has no speedup (null, never 0)."""
+    store = store_factory(DashboardConfig(window=3))
+    store.post_request("a", 0, 0.5, 10, 5, 0.5, prefill_s=0.1, target_step_s=0.02)  # 0.2 s alone / 0.4 s
+    store.post_request("a", 0, 0.5, 30, 10, 1.0, prefill_s=0.2, target_step_s=0.04)  # 1.2 s alone / 0.8 s
+    store.post_request("a", 0, 0.5, 40, 10, 2.0, target_step_s=0.04)  # no prefill_s (an older replica): skipped
+    store.post_request("a", 0, None, 20, 20, 0.6, prefill_s=0.1, target_step_s=0.05)  # plain: 1.0 s alone / 0.5 s
+    store.post_request("a", 0, 0.5, 10, 5, 0.5, prefill_s=0.1)  # step not measured: skipped
+    store.post_request("b", 0, 0.5, 10, 5, 0.5, prefill_s=0.1, target_step_s=None)
+    assert store.flush()
+    data = store.data()
+    DashboardData.model_validate_json(data.model_dump_json())
+    a = data.series["a"]
+    assert [p.speedup for p in a] == pytest.approx([0.2 / 0.4, 1.2 / 0.8, None, 1.0 / 0.5, None])
+    assert a[0].speedup_ma == pytest.approx(0.5)
+    assert a[1].speedup_ma == pytest.approx((0.2 + 1.2) / (0.4 + 0.8))
+    assert a[2].speedup_ma == pytest.approx((0.2 + 1.2) / (0.4 + 0.8))  # the third point adds nothing
+    assert a[3].speedup_ma == pytest.approx((1.2 + 1.0) / (0.8 + 0.5))  # window of 3: the first one left
+    assert a[4].speedup_ma == pytest.approx(1.0 / 0.5)  # window: points 3, 4, 5; only 4 is measured
+    assert [p.target_step_s for p in a] == [0.02, 0.04, 0.04, 0.05, None]
+    rows = {r.cluster: r for r in data.clusters}
+    assert rows["a"].speedup_now == pytest.approx(2.0) and rows["a"].target_step_s == 0.05  # the latest measured
+    assert rows["b"].speedup_now is None and rows["b"].target_step_s is None
+    assert data.series["b"][0].speedup is None and data.series["b"][0].speedup_ma is None
+
+
+def _serving_engine(kind: str):
+    from support.tiny import noisy_copy, tiny_llama
+    from support.tiny_tokenizer import char_tokenizer
+
+    from osd.config import EngineConfig, SuffixConfig, TreeConfig
+    from osd.decoding.engine import SpeculativeEngine
+    from osd.decoding.tree_engine import TreeSpeculativeEngine
+
+    target = tiny_llama(vocab=64, sharpness=3.0)
+    draft = noisy_copy(target, noise=0.6)
+    if kind == "fused":  # the service's default shape; a given curve stands in for the start-up measurement
+        return TreeSpeculativeEngine(target, char_tokenizer(64), draft, EngineConfig(suffix=SuffixConfig()),
+                                     TreeConfig(), cost_curve={1: 1.5, 2: 1.6, 64: 4.0})
+    return SpeculativeEngine(target, char_tokenizer(64), draft, EngineConfig(speculation=kind, gamma=3))
+
+
+@pytest.mark.parametrize("kind", ["auto", "fused", "always"])
+def test_a_replica_posts_what_the_speedup_needs(store_factory, redis_url, kind):
+    """A real ServingCore posts each request's prefill time and the target's single-token step as it
+    measured it: a chain in 'auto' from its governor's plain rounds, a fused tree from its cost curve
+    T(1); a chain in 'always' times no single-token step, so its speedup stays unknown (null)."""
+    from osd.serving.core import ServingCore
+
+    engine = _serving_engine(kind)
+    store = store_factory(DashboardConfig(window=50))
+    core = ServingCore(engine, "tiny", dashboard=store)
+    outputs = [core.complete({"prompt": f"request {i}: the quick brown fox", "max_tokens": 16, "temperature": 0})
+               for i in range(4)]
+    assert store.flush()
+    raw = [json.loads(f[b"j"]) for _, f in redis.Redis.from_url(redis_url).xrange("osd:dash:requests")]
+    assert [p["tokens"] for p in raw] == [o["usage"]["completion_tokens"] for o in outputs]
+    assert all(0 < p["prefill_s"] < p["seconds"] for p in raw)
+    draft = core.live_draft().draft
+    step = target_step_s(engine, draft)
+    if kind == "always":
+        assert step is None and all(p["target_step_s"] is None for p in raw)
+        (row,) = store.data().clusters
+        assert row.speedup_now is None and row.target_step_s is None
+        return
+    if kind == "fused":
+        assert step == 1.5 / 1000 and all(p["target_step_s"] == step for p in raw)
+    else:  # the governor's moving average of its plain rounds' forwards, as /health shows it
+        assert step == engine.governor(draft).describe()["verify_ms"][1] / 1000 > 0
+        assert raw[-1]["target_step_s"] == step  # nothing ran since the last request
+    data = store.data()
+    measured = [p for p in raw if p["target_step_s"] is not None]
+    expected = (sum(p["tokens"] * p["target_step_s"] for p in measured)
+                / sum(p["seconds"] - p["prefill_s"] for p in measured))
+    assert data.series["global"][-1].speedup_ma == pytest.approx(expected)
+    assert expected > 0 and data.clusters[0].speedup_now == pytest.approx(expected)
 
 
 def test_history_round_trips_through_redis_and_builds_the_table(store_factory):

@@ -95,6 +95,9 @@ def test_data_validates_against_the_published_schema_and_shows_the_swaps(live):
     (row,) = data["clusters"]
     assert row["live_version"] == live_version and row["requests"] == len(PROMPTS)
     assert row["alpha_now"] == pytest.approx(sum(p["alpha"] for p in points[-10:]) / 10)
+    # speculation='always' never decodes a plain round, so this chain timed no single-token step:
+    # the speedup is unknown (null), not 0.
+    assert row["speedup_now"] is None and all(p["speedup"] is None and p["speedup_ma"] is None for p in points)
     assert len(data["trainer"]) == live["trainer"].status()["updates"] and data["backlog"]
     assert http.get("/dashboard/data", params={"window": 0}).status_code == 400
 
@@ -140,7 +143,7 @@ def test_dashboard_in_a_real_browser_after_traffic_and_hot_swaps(live, chromium)
     series with a marker per version that went live; the screenshot is kept as an artifact."""
     data = live["http"].get("/dashboard/data").json()
     shot = artifact_path("dashboard_live.png")
-    dom = Dom(render(f"{live['base']}/dashboard", shot, window=(1366, 900)))
+    dom = Dom(render(f"{live['base']}/dashboard", shot, window=(1366, 1240)))
     assert "data-error" not in dom.body() and int(dom.body()["data-rendered"]) >= 1
     alpha = dom.by_id("chart-alpha")
     assert alpha["data-series"] == "global"
@@ -149,6 +152,8 @@ def test_dashboard_in_a_real_browser_after_traffic_and_hot_swaps(live, chromium)
     assert dom.by_id("chart-trainer")["data-empty"] == "false"
     (row,) = dom.all(tag="tr", data_cluster="global")
     assert row["data-live-version"] == str(live["registry"].live("global").version)
+    assert [td["text"] for td in dom.all(tag="td", data_col="speedup")] == ["—"]  # not measured (see above)
+    assert dom.by_id("chart-speedup")["data-empty"] == "true"
     assert shot.stat().st_size > 20_000
 
 

@@ -54,7 +54,7 @@ def synthetic_data() -> DashboardData:
 
     series: dict[str, list[RequestPoint]] = {}
     for cluster, offset in (("chat", 0.0), ("math", 5.0)):
-        points, alphas, tpfs, tpss = [], [], [], []
+        points, alphas, tpfs, tpss, speedups = [], [], [], [], []
         for i in range(60):
             t = start + offset + i * 20.0 + rng.uniform(0, 4)
             version = live_version(cluster, t)
@@ -62,9 +62,12 @@ def synthetic_data() -> DashboardData:
             tpf = (1 - alpha ** 5) / (1 - alpha)  # expected tokens per target forward, 4 drafted
             alphas, tpfs = (alphas + [alpha])[-WINDOW:], (tpfs + [tpf])[-WINDOW:]
             tpss = (tpss + [tpf * 21.0 * rng.uniform(0.9, 1.1)])[-WINDOW:]
+            speedups = (speedups + [tpf * rng.uniform(0.75, 0.85)])[-WINDOW:]  # a round costs more than one step
             points.append(RequestPoint(t=t, version=version, alpha=alpha, alpha_ma=sum(alphas) / len(alphas),
                                        tokens_per_forward_ma=sum(tpfs) / len(tpfs),
-                                       tokens_per_s_ma=sum(tpss) / len(tpss), latency_s=rng.uniform(0.5, 3.0)))
+                                       tokens_per_s_ma=sum(tpss) / len(tpss), latency_s=rng.uniform(0.5, 3.0),
+                                       speedup=speedups[-1], speedup_ma=sum(speedups) / len(speedups),
+                                       target_step_s=0.048))
         series[cluster] = points
 
     backlog = []
@@ -93,9 +96,9 @@ def synthetic_data() -> DashboardData:
 
     clusters = [
         ClusterRow(cluster="chat", live_version=1, alpha_now=series["chat"][-1].alpha_ma, alpha_hour_ago=0.52,
-                   requests=60, last_update=NOW - 110),
+                   requests=60, last_update=NOW - 110, speedup_now=series["chat"][-1].speedup_ma, target_step_s=0.048),
         ClusterRow(cluster="math", live_version=2, alpha_now=series["math"][-1].alpha_ma, alpha_hour_ago=None,
-                   requests=60, last_update=NOW - 40),
+                   requests=60, last_update=NOW - 40, speedup_now=series["math"][-1].speedup_ma, target_step_s=0.048),
     ]
     return DashboardData(generated_at=NOW, window=WINDOW, retention_s=24 * 3600, clusters=clusters,
                          series=series, swaps=swaps, backlog=backlog, trainer=trainer)
@@ -132,10 +135,16 @@ def dashboard_app(responses, prefix: str = "") -> FastAPI:
 
 # ---------- tests ----------
 
+def yticks(dom: Dom, chart: str) -> list[str]:
+    """The y-axis tick labels a chart printed, bottom up."""
+    return dom.all(tag="canvas", data_chart=chart)[0]["data-yticks"].split("|")
+
+
 def test_dashboard_draws_synthetic_data(chromium):
     shot = artifact_path("dashboard_synthetic.png")
-    with serving(dashboard_app([synthetic_data()])) as url:
-        html = render(f"{url}/dashboard", shot, window=(1366, 1020))
+    data = synthetic_data()
+    with serving(dashboard_app([data])) as url:
+        html = render(f"{url}/dashboard", shot, window=(1366, 1240))
     artifact_path("dashboard_synthetic.html").write_text(html)
     dom = Dom(html)
 
@@ -143,7 +152,8 @@ def test_dashboard_draws_synthetic_data(chromium):
     assert "data-error" not in dom.body()
     assert dom.by_id("banner").get("hidden") is not None
 
-    for panel in ("chart-alpha", "chart-tpf", "chart-tps", "chart-backlog", "chart-trainer", "clusters-table"):
+    for panel in ("chart-alpha", "chart-speedup", "chart-tpf", "chart-tps", "chart-backlog", "chart-trainer",
+                  "clusters-table"):
         assert dom.empty_state(panel).get("hidden") is not None, panel
     alpha = dom.by_id("chart-alpha")
     assert alpha["data-series"] == "chat,math"
@@ -153,7 +163,7 @@ def test_dashboard_draws_synthetic_data(chromium):
     assert "last 20 requests" in alpha["text"]
     assert dom.all(tag="canvas", data_chart="alpha")[0]["data-series"] == "chat,math"
 
-    for panel in ("chart-tpf", "chart-tps"):
+    for panel in ("chart-speedup", "chart-tpf", "chart-tps"):
         assert dom.by_id(panel)["data-series"] == "chat,math"
         assert dom.by_id(panel)["data-points"] == "120"
     backlog = dom.by_id("chart-backlog")
@@ -169,10 +179,18 @@ def test_dashboard_draws_synthetic_data(chromium):
     assert [(r["data-cluster"], r["data-live-version"]) for r in rows] == [("chat", "1"), ("math", "2")]
     assert "v2" in rows[1]["text"] and "—" in rows[1]["text"]  # math has no α̂ an hour ago
     assert "+" in rows[0]["text"] and "min ago" in rows[0]["text"]
+    # The measured speedup sits next to α̂ now: the row's value, and its cell as printed.
+    speedups = [r.speedup_now for r in data.clusters]
+    assert [r["data-speedup"] for r in rows] == [f"{v:.4f}" for v in speedups]
+    assert [td["text"] for td in dom.all(tag="td", data_col="speedup")] == [f"{v:.2f}×" for v in speedups]
+    assert "1.0" in yticks(dom, "speedup")  # the target alone (1×) is always in range, drawn as a reference line
+    for chart in ("alpha", "speedup", "tpf", "tps", "backlog", "loss", "gate"):
+        ticks = yticks(dom, chart)
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), (chart, ticks)
 
     assert shot.stat().st_size > 20_000
     pixels = matplotlib.image.imread(shot)
-    assert pixels.shape[:2] == (1020, 1366)
+    assert pixels.shape[:2] == (1240, 1366)
     assert len(np.unique(pixels[..., :3].reshape(-1, 3), axis=0)) > 50  # not a blank page
 
 
@@ -231,7 +249,8 @@ def test_empty_data_shows_empty_states(chromium):
     with serving(dashboard_app([empty_data()])) as url:
         dom = Dom(render(f"{url}/dashboard", shot, window=(1366, 800)))
     assert int(dom.body()["data-rendered"]) >= 1  # a slow browser may see the 5 s refresh too
-    for panel, message in (("chart-alpha", "No requests served with a draft yet"), ("chart-tpf", "No requests yet"),
+    for panel, message in (("chart-alpha", "No requests served with a draft yet"),
+                           ("chart-speedup", "No requests with a measured target step yet"), ("chart-tpf", "No requests yet"),
                            ("chart-tps", "No requests yet"), ("chart-backlog", "No buffer samples yet"),
                            ("chart-trainer", "No trainer updates yet"), ("clusters-table", "No clusters yet"),
                            ("swaps-log", "No draft swaps yet")):
@@ -290,3 +309,54 @@ def test_swaps_too_close_to_label_apart_merge_into_one_label(chromium):
     # Minutes, not seconds (a tick at midnight may show the date instead, in some time zones).
     assert len(ticks) >= 3 and not any(t.count(":") == 2 for t in ticks), ticks
     assert dom.by_id("chart-trainer")["data-markers"] == "v1,v2,v3,v4,v5"
+
+
+def test_speedup_is_a_dash_until_measured_never_zero(chromium):
+    """math's replica never measured the target's single-token step: its row prints "—" (no
+    data-speedup), its speedup line is absent, and chat's is drawn alone; with no measured step
+    anywhere the speedup panel shows its empty state, while the α̂ chart still draws."""
+    data = synthetic_data()
+    unmeasured = {"speedup": None, "speedup_ma": None, "target_step_s": None}
+    math = [p.model_copy(update=unmeasured) for p in data.series["math"]]
+    rows = [r if r.cluster == "chat" else r.model_copy(update={"speedup_now": None, "target_step_s": None})
+            for r in data.clusters]
+    partly = data.model_copy(update={"series": {**data.series, "math": math}, "clusters": rows})
+    with serving(dashboard_app([partly])) as url:
+        dom = Dom(render(f"{url}/dashboard", window=(1366, 1240)))
+    chat, math_row = dom.all(tag="tr", data_cluster="chat")[0], dom.all(tag="tr", data_cluster="math")[0]
+    assert chat["data-speedup"] == f"{rows[0].speedup_now:.4f}" and "data-speedup" not in math_row
+    cells = dom.all(tag="td", data_col="speedup")
+    assert [c["text"] for c in cells] == [f"{rows[0].speedup_now:.2f}×", "—"]
+    assert cells[1]["title"] == "not measured yet" and "0.00" not in math_row["text"]
+    assert "48.00 ms per token" in cells[0]["title"]  # the yardstick: target_step_s, in ms
+    assert dom.by_id("chart-speedup")["data-series"] == "chat"
+    assert int(dom.by_id("chart-speedup")["data-points"]) == len(data.series["chat"])
+
+    nothing = {c: [p.model_copy(update=unmeasured) for p in pts] for c, pts in data.series.items()}
+    none_rows = [r.model_copy(update={"speedup_now": None, "target_step_s": None}) for r in data.clusters]
+    with serving(dashboard_app([data.model_copy(update={"series": nothing, "clusters": none_rows})])) as url:
+        dom = Dom(render(f"{url}/dashboard", window=(1366, 1240)))
+    assert dom.by_id("chart-speedup")["data-empty"] == "true"
+    assert dom.empty_state("chart-speedup")["text"] == "No requests with a measured target step yet"
+    assert dom.empty_state("chart-speedup").get("hidden") is None
+    assert dom.by_id("chart-alpha")["data-series"] == "chat,math"
+    assert [c["text"] for c in dom.all(tag="td", data_col="speedup")] == ["—", "—"]
+
+
+def test_close_values_get_distinct_tick_labels(chromium):
+    """A gate α̂ between 0.0921 and 0.0925, a loss between 2.50001 and 2.50005: every tick label
+    reads differently, with the decimals the tick step needs (capped at three, the gate's ticks
+    all printed 0.092)."""
+    data = burst_data(span_s=600, swaps_within_s=60)
+    trainer = [p.model_copy(update={"alpha_candidate": 0.0921 + 0.0001 * i, "alpha_live": 0.0921 + 0.00005 * i,
+                                    "loss": 2.50001 + 0.00001 * i})
+               for i, p in enumerate(data.trainer)]
+    with serving(dashboard_app([data.model_copy(update={"trainer": trainer})])) as url:
+        dom = Dom(render(f"{url}/dashboard", window=(1366, 800)))
+    for chart, lo, hi, decimals in (("gate", 0.0921, 0.0925, 4), ("loss", 2.50001, 2.50005, 5)):
+        ticks = yticks(dom, chart)
+        values = [float(t) for t in ticks]
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), (chart, ticks)
+        assert values == sorted(values) and values[0] <= lo + 1e-12 and values[-1] >= hi - 1e-12, (chart, ticks)
+        # As many decimals as the step needs, no more: 0.0920, 0.0922, … (not 0.092000).
+        assert {len(t.split(".")[1]) for t in ticks} == {decimals}, (chart, ticks)
