@@ -122,7 +122,7 @@ def run_overhead_bench(args: argparse.Namespace) -> dict:
     questions = spread_across_categories(load_questions(args.data), args.questions)
     if not questions:
         raise ValueError("no questions to send")
-    say = lambda text: print(text, flush=True)  # noqa: E731
+    say = lambda text: print(text, flush=True)
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -148,11 +148,11 @@ def render_markdown(result: dict) -> str:
     return "\n".join([
         f"## The Ray/HTTP path against the engine in-process (`osd bench overhead`, {env['date']})",
         "",
-        f"{cfg['questions']} Spec-Bench questions, one client, greedy, max_tokens={cfg['max_tokens']}, interleaved "
-        f"question by question; the service's engine config; {cfg['replica_threads']} torch threads in both the "
-        f"replica and the in-process engine; torch {env['torch']} on {env['cpu_count']} cores. Endpoint time is the "
-        "client's (HTTP, Serve routing, the replica, recording to Redis); in-process time is the chat template, "
-        "generate and decode. Aim: ratio >= 0.9.",
+        (f"{cfg['questions']} Spec-Bench questions, one client, greedy, max_tokens={cfg['max_tokens']}, interleaved "
+         f"question by question; the service's engine config; {cfg['replica_threads']} torch threads in both the "
+         f"replica and the in-process engine; torch {env['torch']} on {env['cpu_count']} cores. Endpoint time is the "
+         "client's (HTTP, Serve routing, the replica, recording to Redis); in-process time is the chat template, "
+         "generate and decode. Aim: ratio >= 0.9."),
         "",
         table(["variant", "in-process tok/s", "endpoint tok/s", "endpoint / in-process", "median per question",
                "same text"], rows),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 from support.http_server import serving
