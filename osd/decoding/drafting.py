@@ -80,6 +80,10 @@ class Drafter:
             feed = token.view(1, 1)
         return Proposal(torch.cat(proposed), torch.cat(dists))
 
+    def target_rows(self, count: int) -> None:
+        """The target's last forward committed its first ``count`` positions. This draft reads only tokens;
+        a drafter over the target's hidden states (osd/decoding/eagle.py) keeps them."""
+
     def observe(self, proposed: int, accepted: int) -> None:
         """The round's verdict, for policies that adapt across rounds."""
         self.policy.observe(proposed, accepted)

@@ -257,6 +257,9 @@ class EarlyExitDrafter:
         assert self.cached == self.target_cache.get_seq_length(0), "adapter and shared caches out of step"
         return self._decoder.norm(deep[:, -1])  # [1, H]
 
+    def target_rows(self, count: int) -> None:
+        """The target's last forward committed ``count`` positions; this drafter reads the shared cache instead."""
+
     def observe(self, proposed: int, accepted: int) -> None:
         """The round's verdict, for policies that adapt across rounds."""
         self.policy.observe(proposed, accepted)

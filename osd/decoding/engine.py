@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from osd.config import EngineConfig, ModelConfig, SamplingParams
 from osd.data.records import DraftRound, TrainingRecord
 from osd.decoding.drafting import Drafter, Proposal, crop_cache
+from osd.decoding.eagle import EagleDrafter, EagleHead, FeatureCapture
 from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.kv_cache import make_cache
 from osd.decoding.sampling import warp_probs
@@ -124,6 +125,7 @@ class SpeculativeEngine:
         self._governors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → SpeculationGovernor
         # Recent traffic per cluster, for suffix speculation (the tree engine drafts from it).
         self.traffic = TrafficIndex(self.config.suffix) if self.config.suffix is not None else None
+        self._captures: dict[tuple[int, ...], FeatureCapture] = {}  # eagle heads' target-feature hooks
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -164,6 +166,8 @@ class SpeculativeEngine:
         prefill_start = time.perf_counter()
         if len(tokens) > 1:
             self._target_forward(tokens[:-1], cache, keep=1)
+            if drafter is not None:
+                drafter.target_rows(len(tokens) - 1)
         stats.prefill_s = time.perf_counter() - prefill_start
         finish = None
         while finish is None:
@@ -211,6 +215,8 @@ class SpeculativeEngine:
         proposal = drafter.propose(tokens, cap, params, generator) if cap > 0 else None
         drafted = time.perf_counter()
         new_tokens, verdict = self._verify_round(tokens, cache, proposal, params, generator, teacher, stats)
+        if drafter is not None:
+            drafter.target_rows(verdict.num_accepted + 1)  # the positions whose context is now committed
         if governor is not None:
             # Draft time counts only when the draft fed ≤ 2 tokens first (steady state), not after a catch-up.
             governor.observe(len(proposal.tokens) if proposal is not None else 0, verdict.num_accepted,
@@ -259,7 +265,16 @@ class SpeculativeEngine:
         policy = make_length_policy(c.length_policy, c.gamma,
                                     c.confidence_threshold if c.length_policy == "confidence" else c.head_threshold,
                                     getattr(draft, "acceptance_head", None))
+        if isinstance(draft, EagleHead):
+            return EagleDrafter(draft, self._feature_capture(draft.feature_layers), policy, c.kv_cache)
         return Drafter(draft, policy, c.kv_cache)
+
+    def _feature_capture(self, layers: list[int]) -> FeatureCapture:
+        """Hooks keeping the target's outputs at ``layers`` (one set per layer choice, registered once)."""
+        key = tuple(layers)
+        if key not in self._captures:
+            self._captures[key] = FeatureCapture(self.target, layers)
+        return self._captures[key]
 
     def _round_rows(self) -> int:
         """The most rows one verification forward appends to the target cache: pending + a round's drafts."""

@@ -54,6 +54,7 @@ from osd.decoding.cost import (
     verification_cost,
 )
 from osd.decoding.drafting import crop_cache
+from osd.decoding.eagle import EagleHead
 from osd.decoding.engine import SpecStats, SpeculativeEngine, Teacher
 from osd.decoding.kv_cache import KVCacheKind, gather_cache, make_cache
 from osd.decoding.sampling import warp_probs
@@ -232,6 +233,9 @@ class TreeDrafter:
     @property
     def cached(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def target_rows(self, count: int) -> None:
+        """The target's last forward committed ``count`` positions; the tree's sources read tokens only."""
 
     def rollback(self, committed: int) -> None:
         """Drop the tree nodes: keep cache entries for the `committed` tokens known before the round."""
@@ -473,6 +477,9 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         self.calibration = AcceptanceCalibration()  # learnt across requests, like the cost curve
         self.suffix_calibrations: dict = {}  # (index, match length) → AcceptanceCalibration of match fractions
         self._draft_gains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → DraftGain
+        if isinstance(draft, EagleHead):
+            raise ValueError("an eagle head drafts chains so far, not trees or suffix-fused trees: set engine.tree "
+                             "and engine.suffix to null to serve it")
         if self.config.suffix is not None and self.tree_config.shape == "static":
             raise ValueError("suffix speculation merges its candidates into a dynamic tree; use TreeConfig(shape='dynamic')")
         for model in (target, draft.model if draft is not None else None):

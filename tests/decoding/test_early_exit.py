@@ -122,6 +122,10 @@ class TwinDrafter:
         self.log.append((expected, got))
         return got
 
+    def target_rows(self, count):
+        self.early.target_rows(count)
+        self.plain.target_rows(count)
+
     def observe(self, proposed, accepted):
         self.early.observe(proposed, accepted)
         self.plain.observe(proposed, accepted)
