@@ -77,13 +77,18 @@ class EagleHead(nn.Module):
         return len(self.feature_layers) * self.config.hidden_size
 
     def forward(self, next_ids: torch.Tensor, features: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
+                past_key_values=None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """next_ids: [1, S] tokens x_{j+1}; features: [1, S, F] target features at j, or hidden: [1, S, H] the
-        head's own output at j → (logits [1, S, V] fp32 for x_{j+2}, output hidden [1, S, H])."""
+        head's own output at j → (logits [1, S, V] fp32 for x_{j+2}, output hidden [1, S, H]).
+
+        attention_mask: an additive [1, 1, S, past + S] mask and position_ids [1, S] for entries that are
+        not one causal run (training-time test unrolls, trees); None = causal after the cache."""
         embed, head = self._target
         context = self.fuse(features) if features is not None else hidden  # [1, S, H]
         x = self.proj(torch.cat([embed(next_ids), context], dim=-1))
-        out = self.body(inputs_embeds=x, past_key_values=past_key_values, use_cache=past_key_values is not None)
+        out = self.body(inputs_embeds=x, past_key_values=past_key_values, use_cache=past_key_values is not None,
+                        attention_mask=attention_mask, position_ids=position_ids)
         h = out.last_hidden_state  # [1, S, H]
         return head(self.norm(h)).float(), h
 
