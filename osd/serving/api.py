@@ -9,18 +9,32 @@ in the client).
 Defaults follow OpenAI where OpenAI has one (``temperature`` 1.0, ``top_p`` 1.0, ``n`` 1);
 ``max_tokens`` defaults to 64. Unknown fields are ignored, as OpenAI-compatible servers
 usually do; OpenAI fields osd cannot honour (``n`` > 1, ``logprobs``, penalties, ...) get a
-400 that names the field rather than being silently dropped.
+400 that names the field rather than being silently dropped. The JSON schema (``/openapi.json``)
+states the values osd accepts for them, so schema-driven clients and fuzzers see the real API.
+
+A completions ``prompt`` may be a list, as in OpenAI (``split_prompts``): each prompt becomes one
+choice, in order, and ``merge_completions`` builds the response from one completion per prompt.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from osd.config import SamplingParams
 
 MAX_STOP_STRINGS = 8  # SamplingParams' limit: every stop string is searched for every round
+MAX_PROMPTS = 32  # prompts in one completions request; they run one after another on the replica
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 is inf
+MIN_TOP_P = 1e-8  # any smaller top_p keeps only the likeliest token, as this one does; float32 makes 5e-324 a 0
 
 
 class ServingError(Exception):
@@ -90,6 +104,11 @@ class StreamOptions(_Request):
     include_usage: bool = Field(False, description="Send a last chunk with empty choices carrying usage (OpenAI semantics).")
 
 
+def _only(value: Any) -> dict:
+    """JSON-schema override for an unsupported OpenAI field: the one value (or null) osd accepts; others get a 400."""
+    return {"anyOf": [{"const": value}, {"type": "null"}]}
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints."""
 
@@ -98,15 +117,23 @@ class _SamplingFields(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature in [0, 2]; default 1.0 as in OpenAI; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass in (0, 1]; 1 disables.")
     top_k: int = Field(0, ge=-1, description="Extension (vLLM-style): keep the k likeliest tokens; 0 or -1 disables.")
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} non-empty strings that end generation; not included in the output.")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} non-empty strings that end generation; not included in the output.",
+                                         json_schema_extra={"anyOf": [
+                                             {"type": "string", "minLength": 1}, {"type": "null"},
+                                             {"type": "array", "items": {"type": "string", "minLength": 1},
+                                              "maxItems": MAX_STOP_STRINGS}]})
     stream: bool = Field(False, description="Stream Server-Sent Events ending in 'data: [DONE]'.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options; only include_usage.")
     seed: int | None = Field(None, ge=0, le=2**62, description="Seed for reproducible sampling; None draws a fresh one.")
-    n: int = Field(1, ge=1, description="Completions per prompt; only 1 is supported (400 otherwise).")
+    n: int = Field(1, ge=1, description="Completions per prompt; only 1 is supported (400 otherwise).",
+                   json_schema_extra={"maximum": 1})
     user: str | None = Field(None, description="End-user id; accepted and ignored.")
-    presence_penalty: float | None = Field(None, description="Unsupported: only 0/None is accepted.")
-    frequency_penalty: float | None = Field(None, description="Unsupported: only 0/None is accepted.")
-    logit_bias: dict[str, float] | None = Field(None, description="Unsupported: only empty/None is accepted.")
+    presence_penalty: float | None = Field(None, description="Unsupported: only 0/None is accepted.",
+                                           json_schema_extra=_only(0))
+    frequency_penalty: float | None = Field(None, description="Unsupported: only 0/None is accepted.",
+                                            json_schema_extra=_only(0))
+    logit_bias: dict[str, float] | None = Field(None, description="Unsupported: only empty/None is accepted.",
+                                                json_schema_extra={"maxProperties": 0})
     osd: OsdOptions | None = Field(None, description="osd extension: which cluster's draft to use.")
 
     @field_validator("stop")
@@ -120,14 +147,96 @@ class _SamplingFields(_Request):
         return v
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {"anyOf": [  # what the validator below accepts; lengths beyond these get a 400 naming the prompt
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+]}
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids (integers) or a list of token-id lists"
+
+Prompt = str | list[int]  # one prompt: text, or token ids
+
+
+def _is_token_id(value: Any) -> bool:
+    """A JSON integer: an int, or a number with no fraction (JSON Schema's "integer"); not a bool or a string."""
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
+def _token_id(value: Any) -> int:
+    if not _is_token_id(value):
+        raise ValueError("token ids are integers")
+    return int(value)
+
+
+TokenId = Annotated[int, BeforeValidator(_token_id)]
+
+
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[int] = Field(description="The prompt: text, or token ids of the served model's tokenizer.")
-    logprobs: int | None = Field(None, description="Unsupported: only 0/None is accepted.")
-    echo: bool = Field(False, description="Unsupported: only false is accepted.")
-    best_of: int | None = Field(None, description="Unsupported: only 1/None is accepted.")
-    suffix: str | None = Field(None, description="Unsupported: only None is accepted.")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description=f"The prompt: text or token ids of the served model's tokenizer, or a list of up to {MAX_PROMPTS} "
+                    "such prompts (strings or token-id lists), each answered by its own choice (index = position).",
+        json_schema_extra=_PROMPT_SCHEMA)
+    logprobs: int | None = Field(None, description="Unsupported: only 0/None is accepted.", json_schema_extra=_only(0))
+    echo: bool = Field(False, description="Unsupported: only false is accepted.", json_schema_extra={"const": False})
+    best_of: int | None = Field(None, description="Unsupported: only 1/None is accepted.", json_schema_extra=_only(1))
+    suffix: str | None = Field(None, description="Unsupported: only None is accepted.",
+                               json_schema_extra={"type": "null"})
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler) -> Any:
+        # The union's own errors ("prompt.str: Input should be a valid string (and 4 more)") say little.
+        try:
+            return handler(value)
+        except ValidationError:
+            if (problem := _prompt_problem(value)) is None:
+                raise
+            raise ValueError(f"must be {PROMPT_SHAPES}; {problem}") from None
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """The prompts, one per choice: a string or a token-id list is one prompt."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+_JSON_KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "a list", dict: "an object"}
+
+
+def _kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _prompt_problem(value: Any) -> str | None:
+    """Where a prompt that fits none of the four shapes goes wrong, e.g. 'prompt[2] is a number (1.5)';
+    None if its shape is one of them."""
+    if not isinstance(value, list):
+        return None if isinstance(value, str) else f"got {_kind(value)}"
+    if not value:
+        return None
+    first = value[0]
+    if isinstance(first, list):  # token-id lists: every item a list of integers
+        for i, item in enumerate(value):
+            if not isinstance(item, list):
+                return f"prompt[{i}] is {_kind(item)}, but prompt[0] is a token-id list"
+            for j, t in enumerate(item):
+                if not _is_token_id(t):
+                    return f"prompt[{i}][{j}] is {_kind(t)} ({t!r:.40}); token ids are integers"
+        return None
+    fits = (lambda v: type(v) is str) if type(first) is str else _is_token_id if _is_token_id(first) else None
+    if fits is None:
+        return f"prompt[0] is {_kind(first)} ({first!r:.40})"
+    for i, item in enumerate(value):
+        if not fits(item):
+            return f"prompt[{i}] is {_kind(item)} ({item!r:.40}), but prompt[0] is {_kind(first)}"
+    return None
 
 
 class TextPart(_Request):
@@ -156,6 +265,39 @@ class ChatCompletionRequest(_SamplingFields):
 DEFAULT_MAX_TOKENS = 64
 
 
+def split_prompts(req: CompletionRequest, vocab_size: int) -> list[CompletionRequest]:
+    """One single-prompt request per prompt of ``req``, in order (raises ServingError 400).
+
+    Checked here, before any prompt generates: the number of prompts, streaming (one prompt
+    only), empty prompts and token ids outside ``[0, vocab_size)`` (each bad id named with its
+    position). Whether a prompt fits the context is checked per prompt when it runs.
+    """
+    prompts = req.prompts
+    if not prompts:
+        raise ServingError(400, "prompt is an empty list: send a prompt (text or token ids), or a list of them", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ServingError(400, f"{len(prompts)} prompts in one request; osd takes at most {MAX_PROMPTS}: "
+                                "split them over several requests", "prompt")
+    if req.stream and len(prompts) > 1:
+        raise ServingError(400, f"stream=true takes one prompt, got {len(prompts)}: send one streamed request per "
+                                "prompt, or set stream to false to get every choice in one response", "stream")
+    many = len(prompts) > 1
+    bad = []
+    for i, p in enumerate(prompts):
+        where = f"prompt[{i}]" if many else "prompt"
+        if not p:
+            raise ServingError(400, f"{where} is empty: send at least one "
+                                    f"{'character of text' if isinstance(p, str) else 'token id'}", "prompt")
+        if not isinstance(p, str):
+            bad += [(f"{where}[{j}]", t) for j, t in enumerate(p) if not 0 <= t < vocab_size]
+    if bad:
+        named = ", ".join(f"{w} = {t if abs(t) < 10**12 else f'{t:.3g}'}" for w, t in bad[:5])
+        named += f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ServingError(400, f"token ids outside the served model's vocabulary: {named}; token ids must be in "
+                                f"[0, {vocab_size})", "prompt", "invalid_token_id")
+    return [req.model_copy(update={"prompt": p}) for p in prompts]
+
+
 def _unsupported(req: _SamplingFields) -> None:
     """400 for OpenAI features osd does not implement, so clients are not silently misled."""
     if req.n != 1:
@@ -175,7 +317,10 @@ def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> Sampli
     _unsupported(req)
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+    # Limits, not refusals: a temperature under GREEDY_BELOW is greedy, a top_p under MIN_TOP_P keeps the top
+    # token alone; passed through, float32 turns them into inf / 0 and sampling would see NaN.
+    temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=max(req.top_p, MIN_TOP_P),
                           top_k=max(req.top_k, 0), stop=stop, seed=req.seed)
 
 
@@ -208,7 +353,7 @@ class OsdStats(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    index: int = Field(0, description="Always 0 (n = 1).")
+    index: int = Field(0, description="Which prompt this choice answers: its position in a prompt list, else 0.")
     text: str = Field(description="Generated text, cut before any stop string.")
     finish_reason: Literal["stop", "length"] | None = Field(description="'stop' (EOS or stop string) or 'length'.")
     logprobs: None = Field(None, description="Always null (logprobs unsupported).")
@@ -222,6 +367,33 @@ class Completion(BaseModel):
     choices: list[CompletionChoice] = Field(description="One choice.")
     usage: Usage = Field(description="Token counts.")
     osd: OsdStats = Field(description="Draft version and speculative stats.")
+
+
+def merge_completions(parts: list[dict]) -> dict:
+    """One Completion dict for several prompts, from their single-prompt Completions (``split_prompts`` order).
+
+    Choice i is prompt i's, and carries that request's own ``osd`` stats (``choice.model_extra["osd"]``
+    in the client); usage sums over the prompts. The top-level ``osd`` sums the counters,
+    recomputes the mean acceptance length from the sums, averages alpha_hat weighted by tokens
+    proposed, and names the first prompt's draft version and clusters (a prompt's own may differ:
+    the router places each prompt, and a draft can be swapped between two prompts). The id
+    and created time are the first prompt's.
+    """
+    first = parts[0]
+    choices = [dict(p["choices"][0], index=i, osd=p["osd"]) for i, p in enumerate(parts)]
+    usage = {k: sum(p["usage"][k] for p in parts) for k in first["usage"]}
+    stats = [p["osd"] for p in parts]
+    summed = {k: sum(s[k] for s in stats) for k in ("proposed", "accepted", "rounds", "target_forwards")}
+    weighted = [(s["alpha_hat"], s["proposed"]) for s in stats if s["alpha_hat"] is not None]
+    weight = sum(w for _, w in weighted)
+    alpha_hat = (sum(a * w for a, w in weighted) / weight if weight
+                 else weighted[0][0] if weighted else None)
+    by_source = {k: sum(s["accepted_by_source"].get(k, 0) for s in stats)
+                 for k in dict.fromkeys(k for s in stats for k in s["accepted_by_source"])}
+    osd = OsdStats(**dict(first["osd"], **summed, alpha_hat=alpha_hat, accepted_by_source=by_source,
+                          mean_acceptance_length=1.0 + summed["accepted"] / summed["rounds"] if summed["rounds"]
+                          else 1.0))
+    return dict(first, choices=choices, usage=usage, osd=osd.model_dump())
 
 
 class CompletionChunk(BaseModel):

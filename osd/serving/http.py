@@ -8,10 +8,14 @@ of the thread pool's threads (anyio's default limit: 40), so keep Serve's
 ``max_ongoing_requests`` per replica well below that.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``):
-malformed JSON 400, unsupported field values 400 (e.g. n > 1), unknown model 404, a body
-that is not JSON 415, a body or prompt over the limit 413, schema violations 422 (naming
-the field), admin auth 401/403, a refused draft 409, anything unexpected 500 without a
-traceback (the replica keeps serving).
+malformed JSON or a body that is not UTF-8 400, unsupported field values 400 (e.g. n > 1),
+unknown model or route 404, wrong method 405, a body that is not JSON 415, a body or prompt
+over the limit 413, schema violations 422 (naming the field), admin auth 401/403, a refused
+draft 409, anything unexpected 500 without a traceback (the replica keeps serving).
+tests/serving/test_fuzz.py holds every route of /openapi.json to that (docs/api.md).
+
+A completions ``prompt`` list runs the single-prompt path once per prompt and merges the
+answers (``_complete_each``); streaming takes one prompt.
 
 Besides the OpenAI routes: /health, /metrics (Prometheus text), /dashboard (the drift page),
 /dashboard/data (its JSON, 503 while Redis is down), /dashboard/schema, and /admin/drafts.
@@ -20,12 +24,13 @@ Besides the OpenAI routes: /health, /metrics (Prometheus text), /dashboard (the 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     HTMLResponse,
@@ -45,6 +50,8 @@ from osd.serving.api import (
     ServingError,
     error_body,
     error_type,
+    merge_completions,
+    split_prompts,
 )
 from osd.serving.core import ServingCore, SSEStream
 from osd.serving.dashboard_schema import DashboardData
@@ -84,6 +91,7 @@ def build_app(core: ServingCore, admin_token: str | None = None,
     """The HTTP app. ``admin_token`` set: state-changing /admin routes need ``Authorization: Bearer <token>``."""
     app = FastAPI(title="osd", summary="Speculative decoding with online draft distillation (OpenAI-compatible API)")
     app.state.core = core
+    app.openapi = _with_vocabulary(app.openapi, core.vocab_size)
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -113,7 +121,8 @@ def build_app(core: ServingCore, admin_token: str | None = None,
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return counted(_error(exc.status_code, str(exc.detail)))
+        return counted(_error(exc.status_code, _http_error_message(request, exc),
+                              code="invalid_json" if _body_parse_error(exc) else None, headers=exc.headers))
 
     @app.exception_handler(RegistryError)
     async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
@@ -126,9 +135,12 @@ def build_app(core: ServingCore, admin_token: str | None = None,
 
     @app.post("/v1/completions", dependencies=[Depends(_require_json)])
     async def completions(req: CompletionRequest):
-        if req.stream:
-            return _streaming(await run_in_threadpool(core.stream_complete, req))
-        return JSONResponse(await run_in_threadpool(core.complete, req))
+        prompts = split_prompts(req, core.vocab_size)  # a prompt list: one choice per prompt
+        if req.stream:  # one prompt (split_prompts refuses more)
+            return _streaming(await run_in_threadpool(core.stream_complete, prompts[0]))
+        if len(prompts) == 1:
+            return JSONResponse(await run_in_threadpool(core.complete, prompts[0]))
+        return JSONResponse(await run_in_threadpool(_complete_each, core, prompts))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(_require_json)])
     async def chat_completions(req: ChatCompletionRequest):
@@ -164,7 +176,9 @@ def build_app(core: ServingCore, admin_token: str | None = None,
         return HTMLResponse(DASHBOARD_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/dashboard/data", response_model=DashboardData)
-    async def dashboard_data(window: int | None = None):
+    async def dashboard_data(window: int | None = Query(None, json_schema_extra={"minimum": 1, "maximum": 10_000},
+                                                        description="Requests per moving average (default: "
+                                                                    "the dashboard's configured window).")):
         """The dashboard's history (schema: GET /dashboard/schema). ``window``: requests per moving average."""
         if window is not None and not 1 <= window <= 10_000:
             raise ServingError(400, f"window must be in [1, 10000], got {window}", "window")
@@ -213,7 +227,9 @@ def build_app(core: ServingCore, admin_token: str | None = None,
         return {"cluster": cluster, "version": live.version if live else core.live_draft(cluster).version,
                 "changed": live is not None}
 
-    @app.post("/admin/drafts/{cluster}/rollback", dependencies=[Depends(require_admin)])
+    @app.post("/admin/drafts/{cluster}/rollback", dependencies=[Depends(require_admin)],
+              openapi_extra={"requestBody": {"required": False, "content": {  # read by hand: an empty body is fine
+                  "application/json": {"schema": RollbackBody.model_json_schema()}}}})
     async def rollback_draft(cluster: str, request: Request):
         """Move the registry's live pointer back (default: to the live version's parent), then load it here.
 
@@ -266,6 +282,64 @@ class _Guard:
             self.count(500)
             await _error(500, f"internal error ({type(exc).__name__}); the replica logged the details and "
                               "keeps serving", code="internal_error")(scope, receive, send)
+
+
+def _with_vocabulary(openapi, vocab_size: int):
+    """/openapi.json stating this replica's token-id range in the completions prompt (known only at build time)."""
+    def with_vocabulary() -> dict:
+        schema = openapi()  # FastAPI builds it once and caches it; patching twice is harmless
+        prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+        shapes = copy.deepcopy(prompt["anyOf"])  # never the class's own schema dicts
+        for shape in shapes:
+            items = shape.get("items", {})
+            for ids in (shape, items, items.get("items", {})):
+                if ids.get("type") == "integer":
+                    ids["maximum"] = vocab_size - 1
+        prompt["anyOf"] = shapes
+        return schema
+
+    return with_vocabulary
+
+
+def _complete_each(core: ServingCore, prompts: list[CompletionRequest]) -> dict:
+    """Several prompts: the single-prompt path once per prompt, in order, merged into one response.
+
+    Validation that depends on the prompt's tokens (its length against the context) happens
+    when its turn comes; the error then names the prompt.
+    """
+    parts = []
+    for i, req in enumerate(prompts):
+        try:
+            parts.append(core.complete(req))
+        except ServingError as e:
+            if e.param not in ("prompt", "max_tokens"):  # not about this prompt: the same for all of them
+                raise
+            raise ServingError(e.status, f"prompt[{i}]: {e.message}", e.param, e.code) from e
+    return merge_completions(parts)
+
+
+def _body_parse_error(exc: HTTPException) -> BaseException | None:
+    """What FastAPI hit reading a JSON body when it says only 'There was an error parsing the body'
+    (its JSONDecodeError becomes a 400 'invalid JSON' above; this is the rest: bad UTF-8, too deep)."""
+    return exc.__cause__ if exc.status_code == 400 and exc.__cause__ is not None else None
+
+
+def _http_error_message(request: Request, exc: HTTPException) -> str:
+    """Starlette's bare 'Not Found' / 'Method Not Allowed', and FastAPI's body errors, saying what to do."""
+    if (cause := _body_parse_error(exc)) is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            return (f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}); "
+                    "send JSON text encoded as UTF-8")
+        if isinstance(cause, RecursionError):
+            return "the request body nests JSON arrays or objects too deeply to parse; send a flatter JSON object"
+        return f"the request body could not be parsed as JSON ({type(cause).__name__}: {cause}); send a JSON object"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return (f"no route {request.url.path}: the API is POST /v1/completions, POST /v1/chat/completions and "
+                "GET /v1/models (all routes: GET /openapi.json)")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "another method")
+        return f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    return str(exc.detail)
 
 
 def _validation_error(errors: list) -> JSONResponse:
