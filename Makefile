@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead fuzz clean
 
 setup: $(STAMP)
 
