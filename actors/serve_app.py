@@ -42,6 +42,7 @@ from osd.models.adapters import AdapterSpec, SharedBaseDrafts
 from osd.registry import DraftRegistry, RegistryError
 from osd.router import Router, template_affixes
 from osd.serving.core import DEFAULT_CLUSTER, ServingCore, ServingError
+from osd.serving.engine_thread import EngineThread
 from osd.serving.http import build_app
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,14 @@ class OsdServer:
 
     def __init__(self, config: dict, trainer: DeploymentHandle | None = None) -> None:
         self.config = cfg = OsdAppConfig.model_validate(config)
-        torch.set_num_threads(cfg.replica_torch_threads)  # Ray set OMP_NUM_THREADS from num_cpus; be deliberate
+        # Load, warm up and generate on one thread (osd/serving/engine_thread.py: 1.3x the tokens/s of
+        # requests on the HTTP layer's worker threads).
+        self.engine_thread = EngineThread()
+        self.engine_thread.run(torch.set_num_threads, cfg.replica_torch_threads)  # Ray set OMP_NUM_THREADS from num_cpus
         models = cfg.models.model_copy(update={"torch_threads": cfg.replica_torch_threads})
-        engine = build_engine(models, cfg.engine)
-        log.info("osd replica: warm-up request took %.1f s", engine.warm_up())  # the first user request is not the one
+        engine = self.engine_thread.run(build_engine, models, cfg.engine)
+        # the first user request is not the one to pay kernel setup
+        log.info("osd replica: warm-up request took %.1f s", self.engine_thread.run(engine.warm_up))
         self.buffer = RecordBuffer(cfg.buffer_config())
         # Suffix speculation learns from every replica's traffic: tail the buffer into the engine's index.
         self.traffic_feed = None
@@ -109,7 +114,7 @@ class OsdServer:
                                 max_prompt_tokens=cfg.max_prompt_tokens, dashboard=self.dashboard,
                                 buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()),
                                 router=self.router, max_cluster_drafts=cfg.max_cluster_drafts,
-                                shared=_shared_base(cfg, engine))
+                                shared=_shared_base(cfg, engine), engine_thread=self.engine_thread)
         self.ray_metrics = ray_metrics
         self.trainer = trainer
         self._sync_errors: dict[str, str] = {}

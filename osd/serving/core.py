@@ -73,6 +73,7 @@ from osd.serving.api import (
     to_sampling_params,
 )
 from osd.serving.dashboard import DashboardStore, target_step_s
+from osd.serving.engine_thread import EngineThread
 from osd.serving.metrics import MetricsMirror, ServingMetrics
 from osd.serving.streaming import Cancelled, PreparedRequest, SSEStream, usage_of
 
@@ -100,8 +101,10 @@ class ServingCore:
                  max_prompt_tokens: int | None = None, dashboard: DashboardStore | None = None,
                  buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None,
                  router: Router | None = None, max_cluster_drafts: int = 8,
-                 shared: SharedBaseDrafts | None = None) -> None:
+                 shared: SharedBaseDrafts | None = None, engine_thread: EngineThread | None = None) -> None:
         self.engine = engine
+        # Every generation runs on this one thread (the replica also loads and warms up on it): see engine_thread.py.
+        self.engine_thread = engine_thread or EngineThread()
         # Shared-base mode: one base draft, clusters differ by LoRA adapters. The wrapped base must
         # only be called through its AdapterDrafts, so the engine's default draft becomes the bare base.
         self.shared = shared
@@ -238,9 +241,10 @@ class ServingCore:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled
                 live = self.live_draft(prep.cluster)  # read once: draft and version travel together
-                gen = self.engine.generate(prep.prompt_ids, prep.params, draft_version=live.version,
-                                           cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft,
-                                           request_id=prep.request_id.split("-", 1)[1])  # ties the record to the response id
+                gen = self.engine_thread.run(
+                    self.engine.generate, prep.prompt_ids, prep.params, draft_version=live.version,
+                    cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft,
+                    request_id=prep.request_id.split("-", 1)[1])  # ties the record to the response id
             finally:
                 with self._state_lock:
                     self._running -= 1
