@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from support.ray_fixtures import ray_session  # noqa: F401  (one session-scoped Ray for every module)
 from support.redis_fixtures import *  # noqa: F401,F403
 
 # Tiny models gain nothing from threads, and OpenMP spinning on a shared 2-core

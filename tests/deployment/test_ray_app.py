@@ -17,7 +17,7 @@ import openai
 import pytest
 import redis
 import torch
-from support.ray_fixtures import ray_session, wait_for  # noqa: F401  (ray_session is a fixture)
+from support.ray_fixtures import wait_for
 from support.tiny import tiny_llama
 from support.tiny_tokenizer import char_tokenizer
 

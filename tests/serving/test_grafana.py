@@ -22,7 +22,7 @@ import pytest
 import redis
 from ray.util.metrics import Counter, Gauge, Histogram
 from support.prometheus import PrometheusError, prometheus_binary, run_prometheus  # noqa: F401  (a fixture)
-from support.ray_fixtures import ray_session, wait_for  # noqa: F401  (ray_session is a fixture)
+from support.ray_fixtures import wait_for
 from support.tiny import tiny_llama
 from support.tiny_tokenizer import char_tokenizer
 

@@ -1,8 +1,8 @@
 """One Ray session (with Serve's HTTP proxy on a free loopback port) for the whole test session.
 
 A Ray session costs ~5-13 s on 2 cores, so every Ray test shares this one; tests deploy
-their Serve applications into it and delete them when done. Import the fixture with
-``from ray_fixtures import ray_session``.
+their Serve applications into it and delete them when done. tests/conftest.py imports the fixture
+once: a module importing it itself would get a second session-scoped fixture, and a second ray.init.
 """
 
 from __future__ import annotations
