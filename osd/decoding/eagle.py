@@ -4,8 +4,8 @@ A self-draft must rebuild the context with decoder layers of its own; the target
 forward has already built it. The head (EAGLE-3's shape, Li et al. 2025) drafts token x_{j+2}
 from two things at position j: the target's residual stream after a low, a middle and a high
 layer, fused by one linear map, and the embedding of token x_{j+1}. One Llama decoder layer
-(warm-started from the target's last layer) with its own KV cache runs over those pairs, and the
-target's frozen final norm's copy and LM head turn its output into logits. For the next draft
+(warm-started from the target's last layer) with its own KV cache runs over those pairs; a copy of
+the target's final norm and the target's own frozen LM head turn its output into logits. For the next draft
 step the head feeds its own output back in place of the target's features (the target has not
 seen the drafted token yet); after each round the target features of the committed positions
 replace them, so the head never drifts further than one round.

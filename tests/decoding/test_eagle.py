@@ -106,7 +106,7 @@ def test_sampled_sequences_follow_the_target():
     with torch.no_grad():  # a head far enough from the target that the check can tell them apart
         head.fuse.weight.normal_(0, 1.0)
     prompt, gamma, n = [1, 2, 3], 3, 1200
-    params = dict(max_tokens=gamma + 1, temperature=0.8, top_p=0.95)
+    params = {"max_tokens": gamma + 1, "temperature": 0.8, "top_p": 0.95}
     engine = SpeculativeEngine(target, CharTokenizer(), head, EngineConfig(speculation="always", gamma=gamma, record=False))
     counts, outs = sample_outputs(engine, prompt, params, n)
     accepted = sum(o.stats.accepted for o in outs)
