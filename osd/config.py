@@ -11,11 +11,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Temperatures below this decode greedily, as vLLM's _SAMPLING_EPS: logits / 1e-300 is inf, and the
+# distribution at such a temperature is the argmax's anyway.
+GREEDY_BELOW = 1e-5
+
+
 class SamplingParams(_Strict):
     """How one request is decoded. The same warp applies to target (p) and draft (q)."""
 
     max_tokens: int = Field(64, ge=1, description="Maximum number of new tokens to generate.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 means greedy.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0,
+                               description="Sampling temperature; 0 (or anything below 1e-5) means greedy.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 disables.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1]; 1 disables.")
     stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end generation when produced.")
@@ -30,7 +36,7 @@ class SamplingParams(_Strict):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 class ModelConfig(_Strict):

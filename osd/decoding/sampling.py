@@ -30,6 +30,7 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         # Drop a token once the mass *before* it already reaches top_p; the top token always stays.
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # also when top_p rounds to 0 in float32 (e.g. 5e-324)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)

@@ -29,11 +29,10 @@ from pydantic import (
     field_validator,
 )
 
-from osd.config import SamplingParams
+from osd.config import GREEDY_BELOW, SamplingParams
 
 MAX_STOP_STRINGS = 8  # SamplingParams' limit: every stop string is searched for every round
 MAX_PROMPTS = 32  # prompts in one completions request; they run one after another on the replica
-GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 is inf
 MIN_TOP_P = 1e-8  # any smaller top_p keeps only the likeliest token, as this one does; float32 makes 5e-324 a 0
 
 

@@ -188,3 +188,15 @@ def test_shortlist_head_copy_follows_weight_updates():
         after = draft(ids)
     assert torch.allclose(after[..., ::2], 2 * before[..., ::2], rtol=1e-5, atol=1e-5)
     assert torch.isinf(after[..., 1::2]).all()
+
+
+def test_extreme_sampling_values_decode_as_their_limits():
+    """A temperature too small to divide by decodes greedily; a top_p that rounds to 0 in float32 keeps the top
+    token (the fuzzer found both as HTTP 500s; the engine itself must not produce NaN either)."""
+    target, draft = tiny_pair(vocab=64, sharpness=3.0)
+    engine = SpeculativeEngine(target, CharTokenizer(), draft, EngineConfig(speculation="always", gamma=3))
+    greedy = engine.generate([4, 2, 7], SamplingParams(max_tokens=12)).output_ids
+    assert SamplingParams(temperature=1e-300).greedy and not SamplingParams(temperature=1e-5).greedy
+    assert engine.generate([4, 2, 7], SamplingParams(max_tokens=12, temperature=1e-300)).output_ids == greedy
+    tiny_top_p = SamplingParams(max_tokens=12, temperature=1.0, top_p=5e-324, seed=3)
+    assert engine.generate([4, 2, 7], tiny_top_p).output_ids == greedy  # only the likeliest token survives
