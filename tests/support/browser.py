@@ -15,72 +15,23 @@ through a WebDriver/CDP client: nothing beyond the Debian package is needed, whi
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
-import threading
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+from support.debian import DebianBinary
+
 ARTIFACTS_DIR = Path(__file__).resolve().parents[1] / "artifacts"
-INSTALL_HINT = (
-    "install it with: apt-get update && "
-    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium "
-    "(as root), or put a chromium binary on PATH"
-)
-
-# One install attempt per process, even if several sessions/threads ask at once.
-_install_lock = threading.Lock()
-_install_error: str | None = None
-# Seconds the last apt install took (None: nothing installed by this process); for reports.
-install_seconds: float | None = None
-
-
-def _find() -> str | None:
-    for path in CHROMIUM_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _apt(*args: str, timeout_s: float) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(
-        ["apt-get", *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"`apt-get {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
+CHROMIUM = DebianBinary("chromium", ("/usr/bin/chromium", "/usr/bin/chromium-browser"), ("chromium", "chromium-browser"),
+                        install_timeout_s=900)
 
 
 def find_or_install_chromium() -> str:
     """Path of Debian's chromium; installs it with apt-get when missing and we are root."""
-    global _install_error, install_seconds
-    with _install_lock:
-        if path := _find():
-            return path
-        if _install_error is not None:  # already failed in this process: don't retry apt
-            raise RuntimeError(_install_error)
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            _install_error = f"chromium not found and cannot be installed here (needs root + apt-get); {INSTALL_HINT}"
-            raise RuntimeError(_install_error)
-        start = time.monotonic()
-        try:
-            _apt("update", timeout_s=300)
-            _apt("install", "-y", "--no-install-recommends", "chromium", timeout_s=900)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            _install_error = f"installing chromium failed: {exc}\n{INSTALL_HINT}"
-            raise RuntimeError(_install_error) from exc
-        install_seconds = time.monotonic() - start
-        if path := _find():
-            return path
-        _install_error = f"apt-get installed chromium but no binary was found at {CHROMIUM_CANDIDATES}; {INSTALL_HINT}"
-        raise RuntimeError(_install_error)
+    return CHROMIUM.path()
 
 
 def artifact_path(name: str) -> Path:

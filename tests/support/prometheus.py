@@ -18,10 +18,7 @@ as Docker's Debian images have); ours runs on a free port of its own either way.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,56 +27,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support.debian import DebianBinary
 from support.ray_fixtures import free_port
 
-PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus",)
-INSTALL_HINT = (
-    "install it with: apt-get update && "
-    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus "
-    "(as root), or put a prometheus binary on PATH"
-)
-
-_install_lock = threading.Lock()
-_install_error: str | None = None  # one apt attempt per process
-
-
-def _find() -> str | None:
-    for path in PROMETHEUS_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which("prometheus")
-
-
-def _apt(*args: str, timeout_s: float) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`apt-get {' '.join(args)}` failed (exit {proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+PROMETHEUS = DebianBinary("prometheus", ("/usr/bin/prometheus",), ("prometheus",), install_timeout_s=600)
 
 
 def find_or_install_prometheus() -> str:
     """Path of a prometheus binary; apt-installs Debian's package when missing and we are root.
     RuntimeError (saying how to get one) when neither works."""
-    global _install_error
-    with _install_lock:
-        if path := _find():
-            return path
-        if _install_error is not None:
-            raise RuntimeError(_install_error)
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            _install_error = f"prometheus not found and cannot be installed here (needs root + apt-get); {INSTALL_HINT}"
-            raise RuntimeError(_install_error)
-        try:
-            _apt("update", timeout_s=300)
-            _apt("install", "-y", "--no-install-recommends", "prometheus", timeout_s=600)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            _install_error = f"installing prometheus failed: {exc}\n{INSTALL_HINT}"
-            raise RuntimeError(_install_error) from exc
-        if path := _find():
-            return path
-        _install_error = f"apt-get installed prometheus but no binary is at {PROMETHEUS_CANDIDATES}; {INSTALL_HINT}"
-        raise RuntimeError(_install_error)
+    return PROMETHEUS.path()
 
 
 @pytest.fixture(scope="session")
