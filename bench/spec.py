@@ -94,11 +94,11 @@ def distilled_draft(engine: SpeculativeEngine, questions: list[dict], max_tokens
         f"{time.perf_counter() - collected:.0f} s (records {collected - start:.0f} s)")
     trained = distiller.candidate()
     grown = trained.shortlist
+    covered = coverage(grown, list(distiller.holdout))
     log(f"[spec] shortlist head: {'full' if grown is None else f'{grown.numel()} ids grown from traffic'}, "
-        f"held-out coverage {coverage(grown, list(distiller.holdout)):.3f}")
+        f"held-out coverage {covered:.3f}")
     return trained, {"records": len(records), "updates": distiller.updates, **RECIPE,
-                     "shortlist_ids": None if grown is None else grown.numel(),
-                     "shortlist_heldout_coverage": coverage(grown, list(distiller.holdout))}
+                     "shortlist_ids": None if grown is None else grown.numel(), "shortlist_heldout_coverage": covered}
 
 
 def bench_dtype(args, dtype: str, questions: list[dict], train_questions: list[dict], log=print) -> dict:
