@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead fuzz clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead bench-faults bench-lm-eval bench-eagle fuzz clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,16 @@ bench-suffix: setup  ## ~17 min on 2 cores: suffix speculation, the draft, and b
 
 bench-overhead: setup  ## ~5 min on 2 cores: the Ray/HTTP path against the engine in-process, one client
 	$(VENV)/bin/osd bench overhead --replica-threads 2 --questions 8
+
+bench-eagle: setup  ## hours on 2 shared cores (records ~1 h, both curves, trees): the eagle head's learning curve vs first2_frozen
+	$(VENV)/bin/osd bench eagle --threads 1
+
+bench-faults: setup  ## ~10-15 min on 2 cores: steady traffic while a replica, the trainer and Redis are SIGKILLed, a corrupt draft goes live, the record backlog overflows
+	$(VENV)/bin/osd bench faults
+
+bench-lm-eval: setup  ## ~15-40 min on 2 cores: lm-eval local-completions against the endpoint vs lm-eval hf in-process, scores must match
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.lm_eval_compare
 
 clean:
 	rm -rf $(VENV) .osd .pytest_cache

@@ -18,6 +18,7 @@ from osd.data.buffer import BufferConfig
 from osd.registry import RegistryConfig
 from osd.router import RouterConfig
 from osd.serving.dashboard import DashboardConfig, DashboardStore
+from osd.serving.swap_watch import AutoRollbackConfig
 from trainers.config import DistillConfig, TrainerSettings
 
 ADMIN_TOKEN_ENV = "OSD_ADMIN_TOKEN"
@@ -54,6 +55,7 @@ class OsdAppConfig(_Strict):
     replica_torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per replica (Ray sets OMP_NUM_THREADS from num_cpus; this wins).")
     max_ongoing_requests: int = Field(16, ge=1, le=32, description="Requests Serve hands one replica at once; they queue for its engine (one generation at a time). Keep below 40, the HTTP thread pool.")
     trainer: TrainerSettings = Field(default_factory=TrainerSettings, description="The trainer actor.")
+    auto_rollback: AutoRollbackConfig = Field(default_factory=AutoRollbackConfig, description="Each replica compares a newly live draft version's served α̂ and tokens per forward with the version it replaced; a clear drop marks it bad in the registry and rolls it back (README, docs/dashboard.md).")
     draft_poll_interval_s: float = Field(2.0, gt=0, le=3600, description="How often each replica checks the registry for a live draft version other than its own (newer, or older after a rollback).")
     spool_dir: str | None = Field(None, description="Directory for records spooled while Redis is down; each replica claims its own replica-<i> subdirectory, so a restarted replica pushes what its predecessor left. None = memory only.")
     recorder_capacity: int = Field(10_000, ge=1, description="Records a replica holds for the buffer (queue + spool) before dropping the oldest (counted in /metrics).")
@@ -62,6 +64,9 @@ class OsdAppConfig(_Strict):
     def _adapters_need_lora(self) -> OsdAppConfig:
         if self.cluster_drafts == "lora" and self.distill.mode != "lora":
             raise ValueError("cluster_drafts='lora' (shared base + adapters) needs distill.mode='lora'")
+        if self.cluster_drafts == "lora" and self.models.draft == "eagle":
+            raise ValueError("cluster_drafts='lora' adapts a shared self-draft; an eagle head is one layer and trains "
+                             "whole: use cluster_drafts='full' with models.draft='eagle'")
         return self
 
     @model_validator(mode="after")

@@ -114,7 +114,8 @@ class OsdServer:
                                 max_prompt_tokens=cfg.max_prompt_tokens, dashboard=self.dashboard,
                                 buffer=self.buffer, metrics_mirror=(ray_metrics := RayServingMetrics()),
                                 router=self.router, max_cluster_drafts=cfg.max_cluster_drafts,
-                                shared=_shared_base(cfg, engine), engine_thread=self.engine_thread)
+                                shared=_shared_base(cfg, engine), engine_thread=self.engine_thread,
+                                auto_rollback=cfg.auto_rollback)
         self.ray_metrics = ray_metrics
         self.trainer = trainer
         self._sync_errors: dict[str, str] = {}

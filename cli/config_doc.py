@@ -25,7 +25,8 @@ def all_config_models() -> list[type[BaseModel]]:
     from osd.registry import RegistryConfig
     from osd.router import RouterConfig
     from osd.serving.dashboard import DashboardConfig
+    from osd.serving.swap_watch import AutoRollbackConfig
     from trainers.config import DistillConfig, TrainerSettings
 
     return [OsdAppConfig, TrainerSettings, ModelConfig, EngineConfig, TreeConfig, SuffixConfig, SamplingParams,
-            BufferConfig, RegistryConfig, DistillConfig, DashboardConfig, RouterConfig]
+            BufferConfig, RegistryConfig, DistillConfig, DashboardConfig, AutoRollbackConfig, RouterConfig]

@@ -12,7 +12,7 @@ from osd.data.workloads import chat_prompt_ids, load_questions
 from osd.decoding.engine import build_engine
 from osd.registry import DraftRegistry, RegistryConfig, RegistryError
 from trainers.config import DistillConfig
-from trainers.distiller import OnlineDistiller
+from trainers.eagle import make_distiller
 from trainers.gate import PromotionGate
 from trainers.loop import load_live_draft
 from trainers.replay import distill_replay
@@ -66,7 +66,7 @@ def run_distill_command(args: argparse.Namespace) -> int:
     print(f"distilling on {len(rows)} questions from v{live_version} "
           f"({config.loss}, lr {config.lr}, update every {config.update_interval}, {config.mode}); "
           f"registry {args.registry_path}")
-    distiller = OnlineDistiller(engine.draft, config)
+    distiller = make_distiller(engine.draft, config)
     gate = PromotionGate.from_config(config)
     prompts = (chat_prompt_ids(engine.tokenizer, row["turns"][0]) for row in rows)
     with RecordBuffer(BufferConfig(redis_url=args.redis_url)) as buffer:

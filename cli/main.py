@@ -44,7 +44,8 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.max_tokens is None:
-        args.max_tokens = {"serve": 48, "trees": 64, "suffix": 64, "overhead": 64}.get(args.which, 96)
+        args.max_tokens = {"serve": 48, "trees": 64, "suffix": 64, "overhead": 64, "faults": 16,
+                           "eagle": 64}.get(args.which, 96)
     if args.which == "spec":
         from bench.spec import run_spec_bench
 
@@ -77,6 +78,14 @@ def cmd_bench(args) -> int:
         from bench.trees import run_trees_bench_command
 
         run_trees_bench_command(args)
+    elif args.which == "faults":
+        from bench.faults import run_faults_bench
+
+        run_faults_bench(args)
+    elif args.which == "eagle":
+        from bench.eagle_curve import run_eagle_curve_command
+
+        run_eagle_curve_command(args)
     return 0
 
 
@@ -118,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_config_doc)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
-    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees", "suffix", "overhead"],
+    bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees", "suffix", "overhead",
+                                         "faults", "eagle"],
                        help="spec: does speculation pay here (per dtype: verification curve, HF generate and assisted generation, osd with no, an untrained and a distilled draft, speculation always vs auto); distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
@@ -129,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(request + traffic index) alone, the draft alone, and both fused in one tree, per Spec-Bench "
                             "category and on a repeated stream; overhead: one request stream through the Ray Serve "
                             "endpoint against the same engine in-process, with the service's speculation and with "
-                            "the target alone")
+                            "the target alone; faults: steady traffic through the Ray Serve endpoint while a "
+                            "replica, the trainer and Redis are SIGKILLed, a corrupt draft is published and the "
+                            "record backlog overflows, one at a time: requests and records counted; eagle: the eagle head's "
+                            "learning curve against first2_frozen on GSM8K and a GSM8K + Spec-Bench mix (held-out "
+                            "top-1, α̂, acceptance length, c, tok/s)")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: the vendored copy in osd/data/questions)")
@@ -160,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.overhead import add_bench_overhead_args
 
     add_bench_overhead_args(bench)
+    from bench.faults import add_bench_faults_args
+
+    add_bench_faults_args(bench)
+    from bench.eagle_curve import add_bench_eagle_args
+
+    add_bench_eagle_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

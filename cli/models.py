@@ -17,7 +17,8 @@ def parse_layers(text: str) -> int | list[int]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default="smollm2", help="target model: 'smollm2' (packaged), an HF dir or hub id")
-    g.add_argument("--draft", default="self", help="'self' (the target's first layers), 'none', or an HF dir/hub id")
+    g.add_argument("--draft", default="self", help="'self' (the target's first layers), 'eagle' (a one-layer head over "
+                                                   "the target's hidden states), 'none', or an HF dir/hub id")
     g.add_argument("--draft-layers", type=parse_layers, default=2,
                    help="self-draft layers: a count (first N) or comma-separated target layer indices, e.g. 0,1,28,29")
     g.add_argument("--shortlist", default=None, help="JSON list of token ids for the draft's shortlist LM head")

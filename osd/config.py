@@ -43,7 +43,11 @@ class ModelConfig(_Strict):
     """Which models to load, and where they run."""
 
     target: str = Field("smollm2", description="Target model: 'smollm2' (packaged), an HF model dir, or a hub id.")
-    draft: str = Field("self", description="Draft: 'self' (the target's first layers), 'none', or an HF model dir/hub id.")
+    draft: str = Field("self", description="Draft: 'self' (the target's first layers), 'eagle' (a one-layer head over the "
+                                           "target's hidden states, osd/decoding/eagle.py), 'none', or an HF model dir/hub id.")
+    eagle_layers: list[int] | None = Field(
+        None, description="Target layers whose outputs feed the eagle head; None = EAGLE-3's low, middle and high "
+                          "(after layers 1, L/2-1 and L-4).")
     draft_layers: int | list[int] = Field(
         2, description="Self-draft layers: a count (the target's first N) or target layer indices, e.g. [0, 1, 28, 29].")
 
@@ -122,6 +126,13 @@ class EngineConfig(_Strict):
     gamma: int = Field(4, ge=1, le=32, description="Draft tokens proposed per round.")
     teacher_top_k: int = Field(64, ge=1, le=4096, description="Target log-probs kept per position in training records.")
     record: bool = Field(True, description="Build a training record for every request.")
+    record_features: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of eagle-drafted requests whose record also carries the target's "
+                                         "features (fp16, 3456 B per position on SmolLM2 vs 262 B of teacher rows); "
+                                         "the eagle trainer learns only from those.")
+    feature_context: int = Field(
+        128, ge=1, le=1_000_000, description="Prompt positions before the output whose features a record keeps (bounds "
+                                             "a long prompt's record; the head trains on that much context).")
     length_policy: Literal["fixed", "schedule", "confidence", "head"] = Field(
         "fixed", description="How many tokens a round drafts (osd/decoding/stopping.py): 'fixed' γ, HF's +2/-1 'schedule' "
                              "from γ, stop below a draft 'confidence', or SpecDec++'s acceptance 'head'.")

@@ -10,6 +10,11 @@ Version numbers grow monotonically per cluster from 1 and are never reused, even
 pruning. Version 0 conventionally means "the initial draft built from the target"; it is
 not stored here (a replica rebuilds it from the target model).
 
+A version can be *marked bad* (``mark_bad``, or ``reject`` when a replica found it serving
+worse than its predecessor: osd/serving/swap_watch.py). A bad version is never made live
+again: ``promote`` refuses it, a default rollback skips it, replicas refuse to load it. Marks
+are kept beside the live pointer, not in the manifest, which stays immutable.
+
 Two stores sit behind one small interface (``DraftStore``): ``FileStore`` (a directory,
 for one machine or a shared filesystem) and ``RedisStore`` (for a Ray cluster, where
 every node already reaches the buffer's Redis).
@@ -67,6 +72,10 @@ class DraftMismatchError(RegistryError):
 
 class RollbackError(RegistryError):
     """There is no version to roll back to."""
+
+
+class BadDraftError(RegistryError):
+    """The version was marked bad (``DraftRegistry.mark_bad``): it must not be served or made live."""
 
 
 class DraftManifest(BaseModel):
@@ -130,7 +139,10 @@ class DraftStore(Protocol):
     def clusters(self) -> list[str]: ...
     def get_live(self, cluster: str) -> int | None: ...
     def set_live(self, cluster: str, version: int) -> None: ...  # also records it as promoted
+    def set_live_if(self, cluster: str, expected: int, version: int) -> bool: ...  # atomic: only if live == expected
     def promoted(self, cluster: str) -> list[int]: ...  # every version ever made live, ascending
+    def mark_bad(self, cluster: str, version: int, note: str) -> None: ...  # the first note of a version stays
+    def bad(self, cluster: str) -> dict[int, str]: ...  # version -> note
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -240,14 +252,36 @@ class FileStore:
             promoted = sorted(set(live["promoted"]) | {version})
             _atomic_write(d / "live.json", json.dumps({"version": version, "promoted": promoted}).encode())
 
+    def set_live_if(self, cluster: str, expected: int, version: int) -> bool:
+        with self._locked(cluster) as d:
+            live = self._read_live(cluster)
+            if live["version"] != expected:
+                return False
+            promoted = sorted(set(live["promoted"]) | {version})
+            _atomic_write(d / "live.json", json.dumps({"version": version, "promoted": promoted}).encode())
+            return True
+
     def promoted(self, cluster: str) -> list[int]:
         return sorted(self._read_live(cluster)["promoted"])
+
+    def mark_bad(self, cluster: str, version: int, note: str) -> None:
+        with self._locked(cluster) as d:
+            bad = {str(v): n for v, n in self.bad(cluster).items()}
+            if str(version) not in bad:
+                _atomic_write(d / "bad.json", json.dumps(bad | {str(version): note}).encode())
+
+    def bad(self, cluster: str) -> dict[int, str]:
+        try:
+            return {int(v): n for v, n in json.loads((self.root / cluster / "bad.json").read_text()).items()}
+        except FileNotFoundError:
+            return {}
 
 
 class RedisStore:
     """Keys under ``{prefix}:{cluster}:``: ``v{N}:weights``, ``v{N}:manifest``, ``live``,
-    ``counter`` (INCR, so concurrent publishers never collide), ``versions`` (sorted set)
-    and ``promoted`` (set); ``{prefix}:clusters`` is the set of cluster names."""
+    ``counter`` (INCR, so concurrent publishers never collide), ``versions`` (sorted set),
+    ``promoted`` (set) and ``bad`` (hash: version -> note); ``{prefix}:clusters`` is the set
+    of cluster names."""
 
     def __init__(self, url: str, prefix: str = "osd:drafts") -> None:
         import redis  # local import: the file backend must not need a Redis client
@@ -306,8 +340,32 @@ class RedisStore:
             p.sadd(self.key(cluster, "promoted"), version)
             p.execute()
 
+    def set_live_if(self, cluster: str, expected: int, version: int) -> bool:
+        import redis
+
+        key = self.key(cluster, "live")
+        with self.client.pipeline(transaction=True) as p:
+            try:
+                p.watch(key)  # EXEC fails if anyone writes the pointer between this read and it
+                current = p.get(key)
+                if current is None or int(current) != expected:
+                    return False
+                p.multi()
+                p.set(key, version)
+                p.sadd(self.key(cluster, "promoted"), version)
+                p.execute()
+                return True
+            except redis.WatchError:  # it moved meanwhile: not ours to move any more
+                return False
+
     def promoted(self, cluster: str) -> list[int]:
         return sorted(int(v) for v in self.client.smembers(self.key(cluster, "promoted")))
+
+    def mark_bad(self, cluster: str, version: int, note: str) -> None:
+        self.client.hsetnx(self.key(cluster, "bad"), str(version), note)
+
+    def bad(self, cluster: str) -> dict[int, str]:
+        return {int(v): n.decode() for v, n in self.client.hgetall(self.key(cluster, "bad")).items()}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -442,17 +500,27 @@ class DraftRegistry:
         return manifest
 
     def promote(self, cluster: str, version: int) -> DraftManifest:
-        """Verify a stored version and make it live. Raises CorruptDraftError without moving the pointer."""
+        """Verify a stored version and make it live. Raises CorruptDraftError, or BadDraftError for a
+        version marked bad, without moving the pointer."""
+        self._refuse_bad(cluster, version)
         manifest, _ = self.get(cluster, version)
         self.store.set_live(cluster, version)
         return manifest
+
+    def _refuse_bad(self, cluster: str, version: int) -> None:
+        if (note := self.bad_versions(cluster).get(version)) is not None:
+            raise BadDraftError(
+                f"draft cluster {cluster!r} v{version} is marked bad ({note}); it is never made live again. "
+                f"Roll back to another version (stored: {self.store.versions(cluster)}) or publish a new one."
+            )
 
     def rollback(self, cluster: str, to_version: int | None = None) -> DraftManifest:
         """Move the live pointer back (nothing is deleted); returns the new live manifest.
 
         Default target: the live version's parent if it is still stored, else the newest
         stored version older than the live one that was ever live (so candidates the gate
-        rejected are never picked). The target is verified before the pointer moves.
+        rejected are never picked); versions marked bad are skipped. The target is verified
+        before the pointer moves; a bad ``to_version`` raises BadDraftError.
         """
         _check_cluster(cluster)
         if to_version is None:
@@ -468,7 +536,7 @@ class DraftRegistry:
         return self.promote(cluster, to_version)
 
     def _rollback_target(self, live: DraftManifest) -> int:
-        stored = set(self.store.versions(live.cluster))
+        stored = set(self.store.versions(live.cluster)) - set(self.bad_versions(live.cluster))
         if live.parent is not None and live.parent in stored:
             return live.parent
         earlier = [v for v in self.store.promoted(live.cluster) if v < live.version and v in stored]
@@ -481,9 +549,51 @@ class DraftRegistry:
         )
         raise RollbackError(
             f"cluster {live.cluster!r} is at v{live.version} and has no earlier stored version that was live "
-            f"to roll back to (parent: {live.parent}).{hint} Pass to_version= to pick one of "
-            f"{sorted(stored)} explicitly."
+            f"(and is not marked bad) to roll back to (parent: {live.parent}).{hint} Pass to_version= to pick "
+            f"one of {sorted(stored)} explicitly."
         )
+
+    def mark_bad(self, cluster: str, version: int, reason: str) -> None:
+        """Record that ``version`` must never be served or made live again. Idempotent: the first
+        reason stays. It does not move the live pointer (``reject`` does)."""
+        note = json.dumps({"reason": reason, "marked_at": time.time()})
+        self.store.mark_bad(_check_cluster(cluster), version, note)
+
+    def bad_versions(self, cluster: str) -> dict[int, str]:
+        """version -> the reason it was marked bad."""
+        out = {}
+        for version, note in self.store.bad(_check_cluster(cluster)).items():
+            try:
+                out[version] = str(json.loads(note)["reason"])
+            except (ValueError, KeyError, TypeError):  # a hand-written mark: its text is the reason
+                out[version] = note
+        return out
+
+    def reject(self, cluster: str, version: int, reason: str, to_version: int | None = None) -> DraftManifest | None:
+        """Mark ``version`` bad and, if it is still live, roll back to ``to_version`` (default: as
+        ``rollback``). Returns the new live manifest when this call moved the pointer, None when
+        ``version`` was no longer live (another replica, an admin or a newer promotion got there
+        first): several replicas judging one version at once roll it back once.
+
+        The target is resolved and verified before anything is written, so a refused reject
+        (RollbackError: nothing stored to go back to; CorruptDraftError) leaves no mark; the
+        pointer moves by compare-and-set, so it never overwrites a version promoted meanwhile.
+        """
+        live = self.live(cluster)
+        if live is None or live.version != version:
+            self.mark_bad(cluster, version, reason)
+            return None
+        if to_version is None:
+            to_version = self._rollback_target(live)
+        elif self.store.get_manifest(cluster, to_version) is None:
+            raise RollbackError(
+                f"cannot roll cluster {cluster!r} back from v{version} to v{to_version}: not stored"
+                + (" (v0, the initial draft, never is)" if to_version == 0 else "")
+            )
+        self._refuse_bad(cluster, to_version)
+        target, _ = self.get(cluster, to_version)
+        self.mark_bad(cluster, version, reason)
+        return target if self.store.set_live_if(cluster, version, to_version) else None
 
     def prune(self, cluster: str) -> list[int]:
         """Delete all but the newest ``max_versions_kept`` versions, always keeping the live one."""

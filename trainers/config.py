@@ -94,6 +94,9 @@ class DistillConfig(BaseModel):
                            "draft, for replicas with engine.length_policy='head': labels for 'greedy' or 'sampled' "
                            "verification. Not published in shared-base (cluster_drafts='lora') mode.")
     acceptance_head_steps: int = Field(50, ge=1, le=10_000, description="Head optimizer steps per update.")
+    ttt_steps: int = Field(
+        3, ge=1, le=16, description="Eagle drafts: draft steps unrolled per record in training-time test (EAGLE-3); "
+                                    "step s weighs 0.8^(s-1).")
 
     # -- the promotion gate ------------------------------------------------------------------
     holdout_fraction: float = Field(

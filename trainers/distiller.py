@@ -162,17 +162,8 @@ class OnlineDistiller:
     def __init__(self, draft: DraftModel, config: DistillConfig | None = None):
         self.config = cfg = config or DistillConfig()
         self._shortlist = None if draft.shortlist is None else draft.shortlist.detach().clone()
-        hf = copy.deepcopy(draft.model).to(cfg.device)
         self._peft = None
-        if cfg.mode == "lora":
-            from peft import LoraConfig, get_peft_model  # local: full mode must not need peft
-
-            # get_peft_model adapts `hf`'s linears in place and freezes everything else.
-            self._peft = get_peft_model(hf, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                       target_modules=cfg.lora_targets, lora_dropout=0.0))
-        else:
-            self._freeze(hf)
-        self.draft = DraftModel(hf, self._shortlist).train()
+        self.draft = self._student(draft).train()
         params = [p for p in self.draft.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every draft parameter is frozen; unset freeze_embeddings/freeze_head/"
@@ -198,6 +189,20 @@ class OnlineDistiller:
         self.acceptance_head = None  # osd.decoding.stopping.AcceptanceHead once config.acceptance_head is on and it trained
         self.tally = TokenTally(draft.vocab_size)  # target mass per token over the training records
         self.duplicates = 0
+
+    def _student(self, draft: DraftModel) -> DraftModel:
+        """The private copy of ``draft`` that trains, on the trainer device."""
+        cfg = self.config
+        hf = copy.deepcopy(draft.model).to(cfg.device)
+        if cfg.mode == "lora":
+            from peft import LoraConfig, get_peft_model  # local: full mode must not need peft
+
+            # get_peft_model adapts `hf`'s linears in place and freezes everything else.
+            self._peft = get_peft_model(hf, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                       target_modules=cfg.lora_targets, lora_dropout=0.0))
+        else:
+            self._freeze(hf)
+        return DraftModel(hf, self._shortlist)
 
     def _freeze(self, hf: nn.Module) -> None:
         """Full mode: freeze embeddings / head / layers by parameter identity, so a tied pair stays consistent."""
@@ -321,8 +326,8 @@ class OnlineDistiller:
             self.draft, records, greedy=self.config.acceptance_head == "greedy", head=self.acceptance_head,
             steps=self.config.acceptance_head_steps, seed=self.config.seed + self.updates)
 
-    def _step(self, records: list[TrainingRecord]) -> float | None:
-        """One optimizer step; None when skipped (nothing weighted, or a non-finite gradient)."""
+    def _loss(self, records: list[TrainingRecord]) -> Tensor | None:
+        """The batch's distillation loss; None when nothing in it would carry weight."""
         cfg = self.config
         batch = collate(records, cfg.max_seq_len, cfg.device)
         r = cfg.on_policy_ratio
@@ -337,6 +342,14 @@ class OnlineDistiller:
         if r > 0.0:
             # Each term is a mean over its own rows, so r really is the on-policy share of the loss.
             loss = loss + r * distillation_loss(cfg.loss, logits, *teacher, batch.on_policy, **kw)
+        return loss
+
+    def _step(self, records: list[TrainingRecord]) -> float | None:
+        """One optimizer step; None when skipped (nothing weighted, or a non-finite gradient)."""
+        cfg = self.config
+        loss = self._loss(records)
+        if loss is None:
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         for p, _ in self._masters:
             p.grad = None
@@ -373,7 +386,7 @@ class OnlineDistiller:
         the shortlist under ``shortlist`` when the draft has one and the acceptance head's under
         ``acceptance_head.`` once it trains (osd.models.drafts.published_state_dict)."""
         if self._peft is None:
-            state = {k: v.detach().clone() for k, v in self.draft.model.state_dict().items()}
+            state = {k: v.detach().clone() for k, v in self.draft.published_module.state_dict().items()}
         else:
             state = self._plain_model().state_dict()
         if self._shortlist is not None:

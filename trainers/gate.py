@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from osd.data.records import TrainingRecord
+from osd.decoding.eagle import EagleHead
 from osd.models.drafts import DraftModel
 from trainers.distiller import collate, has_rows, student_logits
+from trainers.eagle import first_step_logits
 from trainers.losses import estimated_acceptance
 
 
@@ -78,6 +80,8 @@ class PromotionGate:
         draft.eval()
         device = next(draft.parameters()).device
         total, weight_sum, rows = 0.0, 0.0, 0
+        if isinstance(draft, EagleHead):
+            return self._score_eagle(draft, kept)
         try:
             for i in range(0, len(kept), self.batch_size):
                 chunk = kept[i : i + self.batch_size]
@@ -91,6 +95,23 @@ class PromotionGate:
                 rows += batch.num_rows
         finally:
             draft.train(was_training)
+        return (total / weight_sum if weight_sum > 0 else 0.0), rows
+
+    def _score_eagle(self, head: EagleHead, kept: Sequence[tuple[TrainingRecord, float]]) -> tuple[float, int]:
+        """score() for an eagle head: its first draft step at every teacher row, from the records' stored
+        features (records without them are skipped: their rows cannot be scored without a target forward)."""
+        total, weight_sum, rows = 0.0, 0.0, 0
+        for record, weight in kept:
+            scored = first_step_logits(head, record)
+            if scored is None:
+                continue
+            logits, at = scored  # [N, V], [N]
+            ids, logprobs, lse = (t.to(logits.device)[at] for t in (record.teacher_token_ids, record.teacher_logprobs,
+                                                                   record.teacher_logsumexp))
+            alpha = estimated_acceptance(logits, ids, logprobs, lse, temperature=self.temperature)
+            total += float(alpha) * weight * len(at)
+            weight_sum += weight * len(at)
+            rows += len(at)
         return (total / weight_sum if weight_sum > 0 else 0.0), rows
 
     def evaluate(self, draft: DraftModel, records: Sequence[TrainingRecord]) -> float:

@@ -30,12 +30,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from osd.data.buffer import BufferStats, BufferUnavailable, Entry, RecordBuffer
+from osd.decoding.eagle import EagleHead
 from osd.models.adapters import AdapterSpec
 from osd.models.drafts import DraftModel, load_published_state, published_specs
-from osd.registry import DraftRegistry, tensor_specs
+from osd.registry import (
+    CorruptDraftError,
+    DraftMismatchError,
+    DraftRegistry,
+    RegistryError,
+    tensor_specs,
+)
 from osd.serving.dashboard import DashboardStore
 from trainers.config import DistillConfig, TrainerSettings
 from trainers.distiller import OnlineDistiller, UpdateResult
+from trainers.eagle import make_distiller
 from trainers.gate import GateDecision, PromotionGate
 
 log = logging.getLogger(__name__)
@@ -166,6 +174,9 @@ class TrainerLoop:
         if publish_adapters:
             if self.distill.mode != "lora":
                 raise ValueError("publishing adapters (cluster_drafts='lora') needs distill.mode='lora'")
+            if isinstance(draft, EagleHead):
+                raise ValueError("shared-base LoRA drafts (cluster_drafts='lora') adapt a self-draft; an eagle head is "
+                                 "one layer and trains whole: use cluster_drafts='full' with models.draft='eagle'")
             # Replicas serve adapters over their own base's head: a grown shortlist would not reach them.
             self.distiller = distiller or OnlineDistiller(draft, self.distill.model_copy(update={"shortlist_size": 0}))
             self.live = Live(self._load_adapter(cluster))
@@ -174,7 +185,7 @@ class TrainerLoop:
         if self.live.version == 0:
             self._start_from_global()
         if not publish_adapters:
-            self.distiller = distiller or OnlineDistiller(self.holder.draft, self.distill)
+            self.distiller = distiller or make_distiller(self.holder.draft, self.distill)
         self.gate = gate or PromotionGate.from_config(self.distill)
         sock_ms = int(buffer.config.socket_timeout_s * 1000)
         self.block_ms = max(1, min(int(self.settings.poll_interval_s * 1000), sock_ms - 100))
@@ -362,8 +373,11 @@ class TrainerLoop:
 
     def _follow_registry(self) -> None:
         """Judge against, and publish on top of, the registry's live version, even if someone else
-        (an admin rollback) moved it since our last promotion. A cluster without a lineage of its
-        own is served the global draft, so that is what its candidates must beat."""
+        (an admin rollback, or a replica's automatic one: osd/serving/swap_watch.py) moved it since
+        our last promotion. A cluster without a lineage of its own is served the global draft, so
+        that is what its candidates must beat. The trainer never makes an existing version live
+        again, and the registry refuses to promote one marked bad, so a rolled-back bad version
+        stays out; the next candidate must beat the version rolled back to."""
         manifest = self.registry.live(self.cluster)
         version = manifest.version if manifest else 0
         if version == self.live.version:
@@ -374,12 +388,37 @@ class TrainerLoop:
             log.warning("trainer: the registry has no live draft for %r any more; next promotion starts its lineage",
                         self.cluster)
         else:
+            bad = self.registry.bad_versions(self.cluster)
+            if version in bad:  # refused already (by us, a replica or an admin): nobody serves it; keep ours
+                return
+            if (reason := bad.get(self.live.version)) is not None:
+                log.warning("trainer: serving marked v%d bad (%s); the live draft is v%d again", self.live.version,
+                            reason, version)
             log.info("trainer: registry live moved v%d -> v%d; gating against it", self.live.version, version)
-            if self.publish_adapters:
-                self._load_adapter(self.cluster)
-            else:
-                load_live_draft(self.holder, self.registry, self.cluster)
+            try:
+                if self.publish_adapters:
+                    self._load_adapter(self.cluster)
+                else:
+                    load_live_draft(self.holder, self.registry, self.cluster)
+            except (CorruptDraftError, DraftMismatchError) as e:
+                self._refuse_live(version, e)
+                return
         self.live.version = version
+
+    def _refuse_live(self, version: int, error: Exception) -> None:
+        """The registry's live version cannot be loaded (bytes that fail their checksum, tensors that fit
+        no draft of this construction), so no replica can serve it either. Without this, every update
+        raised here until an operator moved the pointer. Mark it bad and put the pointer back on the
+        version we hold (compare-and-set), so replicas and the lineage go on by themselves; holding v0,
+        which is not stored, it is only marked, and our next promotion replaces it."""
+        reason = f"the trainer could not load it ({type(error).__name__}: {error})"
+        log.error("trainer: live draft %r v%d is unusable, rejecting it: %s", self.cluster, version, error)
+        try:
+            if not self.live.version:
+                raise RegistryError("v0 is not stored")
+            self.registry.reject(self.cluster, version, reason, to_version=self.live.version)
+        except RegistryError:  # nothing to go back to (v0, pruned, or damaged too): mark it only
+            self.registry.mark_bad(self.cluster, version, reason)
 
     def _start_from_global(self) -> None:
         """A new cluster's draft starts from (and is judged against) the global draft replicas

@@ -15,6 +15,12 @@ does) and as ``int32`` otherwise; the header names the dtype and decoding always
 int32. With k=64 that is 64·2 (ids) + 64·2 (fp16 log-probs) + 4 (fp32 logsumexp) + 2
 (the output id) = 262 B per emitted position, instead of 390 B with int32 ids.
 
+Version 2 adds the eagle head's target features (an optional ``target_features`` fp16 array
+and ``feature_start`` in the header): F·2 bytes per position they cover, 3·576·2 = 3456 B on
+SmolLM2, which is why only eagle-drafted records carry them and only over the output and a
+bounded stretch of prompt (EngineConfig.record_features, feature_context). A record without
+features is still written as version 1, so consumers that read only version 1 keep working.
+
 Everything read from the wire is untrusted: any malformed input raises
 :class:`RecordDecodeError`, never another exception, so the buffer can dead-letter it.
 """
@@ -32,8 +38,8 @@ import torch
 from osd.data.records import DraftRound, TrainingRecord
 
 MAGIC = b"OSDR"
-CODEC_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+CODEC_VERSION = 2  # written when a record carries target features; version 1 otherwise
+SUPPORTED_VERSIONS = frozenset({1, 2})
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _MAX_HEADER = 64 << 20  # a sanity bound, far above any real header
 
@@ -48,7 +54,9 @@ _SCHEMA = {
     "teacher_token_ids": (_IDS, 2),
     "teacher_logprobs": (("float16",), 2),
     "teacher_logsumexp": (("float32",), 1),
+    "target_features": (("float16",), 2),  # version 2, optional
 }
+_OPTIONAL = frozenset({"target_features"})
 _INT32_MAX = 2**31 - 1
 
 
@@ -91,6 +99,8 @@ def encode_record(rec: TrainingRecord) -> bytes:
         "teacher_logprobs": _float_wire(lp, torch.float16, "float16"),  # [T, k]
         "teacher_logsumexp": _float_wire(lse, torch.float32, "float32"),  # [T]
     }
+    if rec.target_features is not None:
+        arrays["target_features"] = _float_wire(rec.target_features, torch.float16, "float16")  # [rows, F]
     descs, chunks, offset = [], [], 0
     for name, a in arrays.items():
         raw = a.tobytes()
@@ -105,8 +115,12 @@ def encode_record(rec: TrainingRecord) -> bytes:
         "rounds": [[int(r.start), int(r.num_accepted), [int(t) for t in r.proposed]] for r in rec.rounds],
         "arrays": descs,
     }
+    version = 1
+    if rec.target_features is not None:
+        header["feature_start"] = int(rec.feature_start)
+        version = CODEC_VERSION
     hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return b"".join([_PREFIX.pack(MAGIC, CODEC_VERSION, len(hbytes)), hbytes, *chunks])
+    return b"".join([_PREFIX.pack(MAGIC, version, len(hbytes)), hbytes, *chunks])
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ def _nonneg_int(v: Any, what: str) -> int:
     return v
 
 
-def _read_arrays(header: dict, payload: memoryview) -> dict[str, np.ndarray]:
+def _read_arrays(header: dict, payload: memoryview, version: int) -> dict[str, np.ndarray]:
     descs = _get(header, "arrays", list)
     out: dict[str, np.ndarray] = {}
     spans = []
@@ -136,8 +150,8 @@ def _read_arrays(header: dict, payload: memoryview) -> dict[str, np.ndarray]:
         if not isinstance(d, dict):
             raise RecordDecodeError(f"array descriptor is not an object: {d!r}")
         name = _get(d, "name", str, "array descriptor")
-        if name not in _SCHEMA:
-            raise RecordDecodeError(f"unknown array {name!r}")
+        if name not in _SCHEMA or (version == 1 and name in _OPTIONAL):
+            raise RecordDecodeError(f"unknown array {name!r} in a version {version} record")
         if name in out:
             raise RecordDecodeError(f"array {name!r} appears twice")
         allowed, ndim = _SCHEMA[name]
@@ -161,7 +175,7 @@ def _read_arrays(header: dict, payload: memoryview) -> dict[str, np.ndarray]:
         # frombuffer refuses offset == len(payload) even for count 0, hence the empty case.
         arr = np.frombuffer(payload, dtype=wire, count=count, offset=offset) if count else np.empty(0, wire)
         out[name] = arr.reshape(shape)
-    missing = set(_SCHEMA) - set(out)
+    missing = set(_SCHEMA) - _OPTIONAL - set(out)
     if missing:
         raise RecordDecodeError(f"record lacks arrays {sorted(missing)}")
     # The descriptors must tile the payload: no overlaps, no gaps, no trailing bytes.
@@ -215,7 +229,7 @@ def _decode(data: bytes | bytearray | memoryview) -> TrainingRecord:
     if not isinstance(header, dict):
         raise RecordDecodeError(f"record header must be a JSON object, got {type(header).__name__}")
 
-    a = _read_arrays(header, buf[hend:])
+    a = _read_arrays(header, buf[hend:], version)
     T = a["output_ids"].shape[0]
     if a["teacher_token_ids"].shape != a["teacher_logprobs"].shape or a["teacher_token_ids"].shape[0] != T:
         raise RecordDecodeError(f"inconsistent shapes: output_ids [{T}], teacher_token_ids "
@@ -234,6 +248,8 @@ def _decode(data: bytes | bytearray | memoryview) -> TrainingRecord:
             draft_version=_get(header, "draft_version", int),
             request_id=_get(header, "request_id", str),
             created_at=float(_get(header, "created_at", (int, float))),
+            target_features=_tensor(a["target_features"], torch.float16) if "target_features" in a else None,
+            feature_start=_nonneg_int(header.get("feature_start", 0), "feature_start"),
         )
     except RecordDecodeError:
         raise

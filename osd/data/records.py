@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -43,6 +43,11 @@ class TrainingRecord:
     draft_version: int = 0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
+    # The target's hidden states the eagle head reads (osd/decoding/eagle.py), for positions
+    # feature_start .. P+T-2 of prompt + output: [P+T-1-feature_start, F] float16, or None. Only
+    # requests drafted by an eagle head carry them (EngineConfig.record_features).
+    target_features: torch.Tensor | None = None
+    feature_start: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.output_ids)
@@ -53,6 +58,11 @@ class TrainingRecord:
             )
         if self.teacher_logsumexp.shape != (n,):
             raise ValueError(f"teacher_logsumexp must have shape [{n}], got {tuple(self.teacher_logsumexp.shape)}")
+        if self.target_features is not None:
+            rows = len(self.prompt_ids) + n - 1 - self.feature_start
+            if self.feature_start < 0 or self.target_features.dim() != 2 or self.target_features.shape[0] != rows:
+                raise ValueError(f"target_features must be [{rows}, F] (positions {self.feature_start}.."
+                                 f"{len(self.prompt_ids) + n - 2}), got {tuple(self.target_features.shape)}")
 
     @property
     def num_positions(self) -> int:

@@ -30,6 +30,7 @@ from osd.config import SamplingParams
 from osd.decoding.drafting import Proposal, choose_token, crop_cache
 from osd.decoding.kv_cache import KVCacheKind, make_cache
 from osd.decoding.stopping import LengthPolicy
+from osd.models.drafts import ShortlistHead
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
@@ -39,11 +40,13 @@ def default_feature_layers(num_layers: int) -> list[int]:
     return sorted({min(max(i, 0), num_layers - 1) for i in wanted})
 
 
-class EagleHead(nn.Module):
+class EagleHead(ShortlistHead, nn.Module):
     """The draft head. Its state is its own weights only: the target's embedding and LM head are
-    borrowed (frozen, shared with the target) and not part of ``state_dict()``."""
+    borrowed (frozen, shared with the target) and not part of ``state_dict()``; so is the
+    shortlist the head may be served through (ShortlistHead), which a version publishes beside it."""
 
-    def __init__(self, target: PreTrainedModel, feature_layers: Sequence[int] | None = None):
+    def __init__(self, target: PreTrainedModel, feature_layers: Sequence[int] | None = None,
+                 shortlist: torch.Tensor | None = None):
         super().__init__()
         tcfg = target.config
         num_layers = tcfg.num_hidden_layers
@@ -59,14 +62,32 @@ class EagleHead(nn.Module):
         self.fuse = nn.Linear(len(self.feature_layers) * hidden, hidden, bias=False, dtype=dtype, device=device)
         self.proj = nn.Linear(2 * hidden, hidden, bias=False, dtype=dtype, device=device)
         body_config = LlamaConfig(**{**tcfg.to_dict(), "num_hidden_layers": 1, "vocab_size": 1, "layer_types": None,
-                                     "tie_word_embeddings": False})
+                                     "tie_word_embeddings": False, "pad_token_id": None})
         self.body = LlamaModel(body_config).to(device=device, dtype=dtype)
         self.body.norm = nn.Identity()  # the body's output is the pre-norm feature fed back next step
         self.norm = copy.deepcopy(target.get_decoder().norm)
         # Warm start: the target's last layer already maps a late residual stream towards the next token.
         self.body.layers[0].load_state_dict(target.get_decoder().layers[-1].state_dict())
-        self.shortlist = None  # a DraftModel attribute the engine and trainer read; the head uses the full head
-        self.acceptance_head = None
+        # Which target layers a version was trained on travels with its weights (load_published_state checks it).
+        self.register_buffer("feature_layer_ids", torch.tensor(self.feature_layers, device=device))
+        self._init_shortlist(shortlist)
+        self.acceptance_head = None  # SpecDec++'s head is trained for self-drafts only
+
+    def lm_head(self) -> nn.Module:
+        return self._target[1]
+
+    @property
+    def published_module(self) -> nn.Module:
+        """The module whose ``state_dict()`` a published version holds: the head itself."""
+        return self
+
+    def __deepcopy__(self, memo: dict) -> EagleHead:
+        """A copy with its own weights that still borrows the same target embedding and LM head."""
+        memo[id(self._target)] = self._target
+        clone = self.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return clone
 
     @property
     def config(self) -> LlamaConfig:
@@ -78,19 +99,22 @@ class EagleHead(nn.Module):
 
     def forward(self, next_ids: torch.Tensor, features: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 past_key_values=None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                position_ids: torch.Tensor | None = None, use_shortlist: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """next_ids: [1, S] tokens x_{j+1}; features: [1, S, F] target features at j, or hidden: [1, S, H] the
         head's own output at j → (logits [1, S, V] fp32 for x_{j+2}, output hidden [1, S, H]).
 
         attention_mask: an additive [1, 1, S, past + S] mask and position_ids [1, S] for entries that are
-        not one causal run (training-time test unrolls, trees); None = causal after the cache."""
-        embed, head = self._target
+        not one causal run (training-time test unrolls, trees); None = causal after the cache.
+        use_shortlist=False: the full head's logits even with a shortlist (training: forward KL
+        must stay finite where the teacher's top-k leaves the shortlist)."""
+        embed = self._target[0]
         context = self.fuse(features) if features is not None else hidden  # [1, S, H]
         x = self.proj(torch.cat([embed(next_ids), context], dim=-1))
         out = self.body(inputs_embeds=x, past_key_values=past_key_values, use_cache=past_key_values is not None,
                         attention_mask=attention_mask, position_ids=position_ids)
         h = out.last_hidden_state  # [1, S, H]
-        return head(self.norm(h)).float(), h
+        normed = self.norm(h)
+        return (self.logits_from_hidden(normed) if use_shortlist else self.lm_head()(normed).float()), h
 
 
 class FeatureCapture:
@@ -107,8 +131,12 @@ class FeatureCapture:
             self._last[index] = output[0] if isinstance(output, tuple) else output  # [1, S, H]
         return keep
 
-    def rows(self, count: int) -> torch.Tensor:
-        """The first ``count`` positions of the last forward: [count, F], the layers concatenated in order."""
+    def rows(self, count: int, at: list[int] | None = None) -> torch.Tensor:
+        """Rows ``at`` of the last forward (a tree's committed path), else its first ``count`` positions:
+        [count, F], the layers concatenated in order."""
+        if at is not None:
+            index = torch.tensor(at, device=self._last[self.layers[0]].device)
+            return torch.cat([self._last[i][0, index] for i in self.layers], dim=-1)
         return torch.cat([self._last[i][0, :count] for i in self.layers], dim=-1)
 
     def close(self) -> None:
@@ -121,23 +149,33 @@ class EagleDrafter:
     with the head's own output during a round are dropped at rollback."""
 
     def __init__(self, head: EagleHead, capture: FeatureCapture, policy: LengthPolicy | None = None,
-                 kv_cache: KVCacheKind = "preallocated"):
+                 kv_cache: KVCacheKind = "preallocated", keep_features: bool = False):
         self.draft = head
         self.capture = capture
         self.policy = policy or LengthPolicy()
         self.cache = make_cache(head.config, kv_cache)
         self.true_entries = 0  # leading cache entries fed with target features
         self._pending: list[torch.Tensor] = []  # target feature rows [m, F] not fed yet, in position order
+        # Every committed row, in position order, for the training record (keep_features).
+        self.kept: list[torch.Tensor] | None = [] if keep_features else None
 
     @property
     def cached(self) -> int:
         """Committed tokens the head has consumed (entry j consumed x_{j+1}; x_0 needs no entry)."""
         return self.true_entries + 1
 
-    def target_rows(self, count: int) -> None:
-        """The last target forward's first ``count`` positions are committed context: keep their features."""
+    def target_rows(self, count: int, at: list[int] | None = None) -> None:
+        """The last target forward's first ``count`` positions (or its rows ``at``, a tree's committed path)
+        are committed context: keep their features."""
         if count > 0:
-            self._pending.append(self.capture.rows(count))
+            rows = self.capture.rows(count, at)  # [count, F]
+            self._pending.append(rows)
+            if self.kept is not None:
+                self.kept.append(rows)
+
+    def features(self, start: int, stop: int) -> torch.Tensor:
+        """Kept rows of positions [start, stop): [stop - start, F] float16 on the CPU, for a training record."""
+        return torch.cat(self.kept)[start:stop].to("cpu", torch.float16)
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], cap: int, params: SamplingParams,

@@ -22,6 +22,7 @@ from osd.decoding.drafting import Drafter, Proposal, crop_cache
 from osd.decoding.eagle import EagleDrafter, EagleHead, FeatureCapture
 from osd.decoding.governor import SpeculationGovernor
 from osd.decoding.kv_cache import make_cache
+from osd.decoding.logprobs import LogprobRows, TokenLogprobs
 from osd.decoding.sampling import warp_probs
 from osd.decoding.stopping import make_length_policy
 from osd.decoding.suffix import TrafficIndex
@@ -87,24 +88,31 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: SpecStats
     record: TrainingRecord | None
+    logprobs: TokenLogprobs | None = None  # of output_ids, when generate() was asked for them
+    prompt_logprobs: TokenLogprobs | None = None  # of the prompt's tokens (the first has none)
 
 
 class Teacher:
-    """Collects the sparse teacher rows for the training record, straight from verification."""
+    """Collects the sparse teacher rows for the training record, straight from verification; with
+    ``logprobs`` (top N) also the API's per-token log-probs, from the same log-sum-exp and top-k."""
 
-    def __init__(self, top_k: int):
+    def __init__(self, top_k: int, logprobs: int | None = None):
         self.top_k = top_k
         self.ids: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
         self.lse: list[torch.Tensor] = []
+        self.api = LogprobRows(logprobs) if logprobs is not None else None
 
-    def add(self, logits: torch.Tensor) -> None:
-        """logits: [n, V] raw target logits at committed contexts."""
+    def add(self, logits: torch.Tensor, tokens: list[int] | None = None) -> None:
+        """logits: [n, V] raw target logits at committed contexts; tokens: [n] the token committed at each
+        (needed only for the API's log-probs)."""
         lse = logits.logsumexp(-1)
         top = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1)
         self.ids.append(top.indices.to(torch.int32).cpu())
         self.logprobs.append((top.values - lse[:, None]).to(torch.float16).cpu())
         self.lse.append(lse.float().cpu())
+        if self.api is not None:
+            self.api.add(logits, tokens, lse, top)
 
     def rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.cat(self.ids)[:n], torch.cat(self.logprobs)[:n], torch.cat(self.lse)[:n]
@@ -126,6 +134,7 @@ class SpeculativeEngine:
         # Recent traffic per cluster, for suffix speculation (the tree engine drafts from it).
         self.traffic = TrafficIndex(self.config.suffix) if self.config.suffix is not None else None
         self._captures: dict[tuple[int, ...], FeatureCapture] = {}  # eagle heads' target-feature hooks
+        self._feature_credit = 1.0  # the first eagle-drafted request records its features
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -139,7 +148,8 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, draft_version: int = 0,
                  cluster: str = "global", on_tokens: Callable[[list[int]], None] | None = None,
-                 draft: DraftModel | None | object = LIVE_DRAFT, request_id: str | None = None) -> Generation:
+                 draft: DraftModel | None | object = LIVE_DRAFT, request_id: str | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> Generation:
         """Decode one request. `on_tokens` (for streaming) gets each round's newly committed ids.
 
         `draft` overrides the engine's live draft for this request (None: no draft), so a
@@ -148,6 +158,10 @@ class SpeculativeEngine:
 
         Streamed ids may run past the final output by up to one round: the returned
         Generation is cut at EOS, a stop string or max_tokens, and is the truth.
+
+        `logprobs` (top N, osd.decoding.logprobs) fills ``Generation.logprobs`` from the verification
+        forwards, and with `prompt_logprobs` ``Generation.prompt_logprobs`` from the prefill (which then
+        keeps every row's logits, not just the last): no extra forward either way.
         """
         self.validate(prompt_ids, params)
         # Read once: a concurrent swap never changes a running request's draft.
@@ -156,7 +170,8 @@ class SpeculativeEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
         stats = self._new_stats(len(prompt_ids))
-        teacher = Teacher(self.config.teacher_top_k)
+        teacher = Teacher(self.config.teacher_top_k, logprobs)
+        prompt_rows = LogprobRows(logprobs or 0) if prompt_logprobs else None
         rounds: list[DraftRound] = []
         tokens = list(prompt_ids)
         # Room for the whole request plus one round's speculative rows, so the cache never has to grow.
@@ -165,7 +180,9 @@ class SpeculativeEngine:
         drafter = self._make_drafter(draft, cache, prompt_ids, cluster) if self._uses_drafter(draft) else None
         prefill_start = time.perf_counter()
         if len(tokens) > 1:
-            self._target_forward(tokens[:-1], cache, keep=1)
+            logits = self._target_forward(tokens[:-1], cache, keep=len(tokens) - 1 if prompt_rows is not None else 1)
+            if prompt_rows is not None:  # row i scores prompt token i + 1
+                prompt_rows.add(logits, tokens[1:])
             if drafter is not None:
                 drafter.target_rows(len(tokens) - 1)
         stats.prefill_s = time.perf_counter() - prefill_start
@@ -192,10 +209,37 @@ class SpeculativeEngine:
                                     cluster=cluster, draft_version=draft_version)
             if request_id is not None:
                 record.request_id = request_id
+            if getattr(drafter, "kept", None) is not None:  # an eagle drafter (chain or tree) keeping features
+                self._attach_features(record, drafter)
         if self.traffic is not None and self.config.suffix.traffic:
             # This replica learns from its own request at once; the buffer brings it the others' (same request id).
             self.traffic.add(prompt_ids, output_ids, cluster, record.request_id if record is not None else request_id)
-        return Generation(output_ids, text, finish, stats, record)
+        return Generation(output_ids, text, finish, stats, record,
+                          teacher.api.result(len(output_ids)) if teacher.api is not None else None,
+                          TokenLogprobs.unconditioned(prompt_ids[0]) + prompt_rows.result()
+                          if prompt_rows is not None else None)
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], logprobs: int | None = None) -> Generation:
+        """A prompt alone, nothing generated (the API's ``max_tokens`` 0 with ``echo``): with `logprobs`
+        (top N), the prompt's log-probs from one prefill forward over it; without, no forward at all."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: send at least one token of text")
+        if len(prompt_ids) > self.context_window:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) exceeds the model's context window of "
+                               f"{self.context_window} tokens; shorten the prompt")
+        start = time.perf_counter()
+        stats = self._new_stats(len(prompt_ids))
+        prompt = None
+        if logprobs is not None:
+            rows = LogprobRows(logprobs)
+            if len(prompt_ids) > 1:  # the last token's row would score a token that is not there
+                cache = make_cache(self.target.config, self.config.kv_cache, len(prompt_ids))
+                rows.add(self._target_forward(prompt_ids[:-1], cache, keep=len(prompt_ids) - 1), prompt_ids[1:])
+            prompt = TokenLogprobs.unconditioned(prompt_ids[0]) + rows.result()
+        stats.elapsed_s = stats.prefill_s = time.perf_counter() - start
+        return Generation([], "", "length", stats, None, TokenLogprobs.empty() if logprobs is not None else None,
+                          prompt)
 
     def _new_stats(self, prompt_tokens: int) -> SpecStats:
         return SpecStats(accepted_per_position=[0] * self.config.round_cap, prompt_tokens=prompt_tokens)
@@ -266,8 +310,27 @@ class SpeculativeEngine:
                                     c.confidence_threshold if c.length_policy == "confidence" else c.head_threshold,
                                     getattr(draft, "acceptance_head", None))
         if isinstance(draft, EagleHead):
-            return EagleDrafter(draft, self._feature_capture(draft.feature_layers), policy, c.kv_cache)
+            return EagleDrafter(draft, self._feature_capture(draft.feature_layers), policy, c.kv_cache,
+                                keep_features=self._sample_features())
         return Drafter(draft, policy, c.kv_cache)
+
+    def _sample_features(self) -> bool:
+        """Whether this eagle-drafted request's record carries the target's features: every
+        1/record_features-th request, deterministically (as the distiller picks its held-out share)."""
+        if not self.config.record or self.config.record_features == 0:
+            return False
+        take = self._feature_credit >= 1.0 - 1e-9
+        self._feature_credit += self.config.record_features - take
+        return take
+
+    def _attach_features(self, record: TrainingRecord, drafter) -> None:
+        """The target's features at positions feature_start .. P+T-2 of the record (the last
+        ``feature_context`` prompt positions and every output position but the last)."""
+        prompt_len = len(record.prompt_ids)
+        end = prompt_len + record.num_positions - 1
+        start = max(0, prompt_len - 1 - self.config.feature_context)
+        if end > start:
+            record.target_features, record.feature_start = drafter.features(start, end), start
 
     def _feature_capture(self, layers: list[int]) -> FeatureCapture:
         """Hooks keeping the target's outputs at ``layers`` (one set per layer choice, registered once)."""
@@ -302,7 +365,8 @@ class SpeculativeEngine:
             verdict = verify_sampled(drafted, proposal.probs if gamma else target_probs[:0], target_probs,
                                      uniforms, generator)
         n = verdict.num_accepted
-        teacher.add(logits[: n + 1])
+        new_tokens = [*drafted[:n].tolist(), verdict.next_token]  # row i of logits chose new_tokens[i]
+        teacher.add(logits[: n + 1], new_tokens)
         if gamma:
             stats.rounds += 1
             stats.proposed += gamma
@@ -312,7 +376,7 @@ class SpeculativeEngine:
             verified = min(n + 1, gamma)  # positions whose context is committed
             stats.beta_sum += float(overlap(target_probs[:verified], proposal.probs[:verified]).sum())
             stats.beta_count += verified
-        return [*drafted[:n].tolist(), verdict.next_token], verdict
+        return new_tokens, verdict
 
     def _finish_reason(self, tokens: list[int], prompt_len: int, params: SamplingParams) -> str | None:
         output = tokens[prompt_len:]
@@ -365,7 +429,7 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
     draft = None
     if models.draft != "none":
         shortlist = load_shortlist(models.shortlist) if models.shortlist else None
-        draft = build_draft(target, models.draft, models.draft_layers, shortlist)
+        draft = build_draft(target, models.draft, models.draft_layers, shortlist, models.eagle_layers)
     chain = SpeculativeEngine(target, tokenizer, draft, engine)
     if chain.config.tree is None and chain.config.suffix is None:
         return chain

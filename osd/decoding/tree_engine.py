@@ -234,8 +234,9 @@ class TreeDrafter:
     def cached(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
-    def target_rows(self, count: int) -> None:
-        """The target's last forward committed ``count`` positions; the tree's sources read tokens only."""
+    def target_rows(self, count: int, at: list[int] | None = None) -> None:
+        """The target's last forward committed ``count`` positions (rows ``at`` of it, else its first
+        ``count``); the tree's sources read tokens only (an eagle head's tree reads them: eagle_tree.py)."""
 
     def rollback(self, committed: int) -> None:
         """Drop the tree nodes: keep cache entries for the `committed` tokens known before the round."""
@@ -254,14 +255,13 @@ class TreeDrafter:
         self._sources, self._node_of, self._from_index = [0], {}, {}
         self._q: dict[int, torch.Tensor] = {}
         self._slot = {0: len(tokens) - 1}
-        self._committed = len(tokens)
+        self._committed = self._entries_before_round(tokens)
         self._params, self._generator = params, generator
         if self.proposer is not None:
             self._add_candidates(self.proposer.candidates(tokens, max_depth))
         self.draft_ran = self.draft is not None and self._draft_pays()
         if self.draft_ran:
-            feed = torch.tensor([tokens[self.cached:]], device=self.device)
-            self._q[0] = self._dist(draft_forward(self.draft, feed, self.cache, keep=1))[0]
+            self._q[0] = self._dist(self._catch_up(tokens))[0]
             self._step_ms = (time.perf_counter() - start) * 1000
             if self.config.shape == "static":
                 keep = self._grow_static(max_depth)
@@ -271,6 +271,20 @@ class TreeDrafter:
             keep = self._rerank(start)
         draft_ms = (time.perf_counter() - start) * 1000
         return self._tree(keep, device), draft_ms
+
+    def _entries_before_round(self, tokens: list[int]) -> int:
+        """Draft cache entries every node sees (the committed past, root included): one per committed token."""
+        return len(tokens)
+
+    def _catch_up(self, tokens: list[int]) -> torch.Tensor:
+        """Feed the committed tokens the draft cache lacks → the root's logits [1, V]."""
+        feed = torch.tensor([tokens[self.cached:]], device=self.device)
+        return draft_forward(self.draft, feed, self.cache, keep=1)
+
+    def _forward_nodes(self, nodes: list[int], ids: torch.Tensor, mask: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """ids: [1, n] the nodes' tokens, mask: [1, 1, n, cached + n], positions: [1, n] → logits [n, V]."""
+        return draft_forward(self.draft, ids, self.cache, mask, positions)
 
     def _add_candidates(self, candidates: list[Candidate]) -> None:
         """Suffix candidates (parents first) as deterministic nodes."""
@@ -322,11 +336,11 @@ class TreeDrafter:
                 parent = self._parents[parent]
             allowed[row, cached + row] = True
             self._slot[node] = cached + row
-        dtype = self.draft.model.dtype
+        dtype = next(self.draft.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
         ids = torch.tensor([[self._tokens[n] for n in nodes]], device=self.device)
         positions = torch.tensor([[self._committed - 1 + self._depths[n] for n in nodes]], device=self.device)
-        q = self._dist(draft_forward(self.draft, ids, self.cache, mask[None, None], positions))  # [len(nodes), V]
+        q = self._dist(self._forward_nodes(nodes, ids, mask[None, None], positions))  # [len(nodes), V]
         for row, node in enumerate(nodes):
             self._q[node] = q[row]
         self._step_ms = (time.perf_counter() - t0) * 1000
@@ -477,12 +491,9 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         self.calibration = AcceptanceCalibration()  # learnt across requests, like the cost curve
         self.suffix_calibrations: dict = {}  # (index, match length) → AcceptanceCalibration of match fractions
         self._draft_gains: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft → DraftGain
-        if isinstance(draft, EagleHead):
-            raise ValueError("an eagle head drafts chains so far, not trees or suffix-fused trees: set engine.tree "
-                             "and engine.suffix to null to serve it")
         if self.config.suffix is not None and self.tree_config.shape == "static":
             raise ValueError("suffix speculation merges its candidates into a dynamic tree; use TreeConfig(shape='dynamic')")
-        for model in (target, draft.model if draft is not None else None):
+        for model in (target, getattr(draft, "model", draft)):  # an eagle head is its own model
             impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
             if model is not None and impl not in TREE_ATTENTION:
                 raise ValueError(f"tree decoding needs a custom 4-D attention mask, which attn_implementation={impl!r} "
@@ -518,8 +529,14 @@ class TreeSpeculativeEngine(SpeculativeEngine):
         gain = None
         if draft is not None:
             gain = self._draft_gains.setdefault(draft, DraftGain())
-        return TreeDrafter(draft, self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache,
-                           proposer, gain, int(self.target.config.vocab_size))
+        args = (self.tree_config, self.cost_curve, self.calibration, self.config.kv_cache, proposer, gain,
+                int(self.target.config.vocab_size))
+        if isinstance(draft, EagleHead):
+            from osd.decoding.eagle_tree import EagleTreeDrafter  # it builds on this module
+
+            return EagleTreeDrafter(draft, self._feature_capture(draft.feature_layers), *args,
+                                    keep_features=self._sample_features())
+        return TreeDrafter(draft, *args)
 
     def warm_up(self, max_tokens: int = 8) -> float:
         """SpeculativeEngine.warm_up, then forget what it taught: cold timings and a synthetic prompt would
@@ -555,6 +572,7 @@ class TreeSpeculativeEngine(SpeculativeEngine):
             tree, draft_ms = TokenTree.root_only(tokens[-1], self.target.config.vocab_size, self.device), 0.0
         new_tokens, verdict = self._verify_tree(tokens, cache, tree, params, generator, teacher, stats)
         if drafter is not None:
+            drafter.target_rows(len(new_tokens), at=[0, *verdict.path])  # the committed path's rows of the forward
             drafter.rollback(len(tokens))
         if tree.size == 1:
             return new_tokens, None
@@ -589,11 +607,12 @@ class TreeSpeculativeEngine(SpeculativeEngine):
             verdict = verify_tree_sampled(tree, target_probs, uniforms, generator)
         keep = [0] + verdict.path
         gather_cache(cache, past, keep)
-        teacher.add(logits[keep])
+        new_tokens = [*tree.tokens[verdict.path].tolist(), verdict.next_token]  # row keep[i] chose new_tokens[i]
+        teacher.add(logits[keep], new_tokens)
         stats.verify_s += time.perf_counter() - t0
         if tree.size > 1:
             self._tree_stats(tree, verdict, logits, params, stats)
-        return [*tree.tokens[verdict.path].tolist(), verdict.next_token], verdict
+        return new_tokens, verdict
 
     def _tree_stats(self, tree: TokenTree, verdict: TreeVerdict, logits: torch.Tensor, params: SamplingParams,
                     stats: TreeStats) -> None:

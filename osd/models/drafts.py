@@ -57,32 +57,32 @@ def _layer_index(key: str) -> int | None:
     return None
 
 
-class DraftModel(nn.Module):
-    """A draft causal LM with an optional vocabulary-shortlist LM head.
+class ShortlistHead:
+    """An LM head served through an optional shortlist of token ids (a mixin of the drafts).
 
-    With a shortlist, logits are computed only for the listed token ids and every
-    other token gets -inf, so q = 0 there. That stays lossless: verification only ever
-    needs q for what the draft proposed, and p - q keeps the target's mass elsewhere.
+    With a shortlist, logits are computed only for the listed token ids and every other token
+    gets -inf, so q = 0 there. That stays lossless: verification only ever needs q for what the
+    draft proposed, and p - q keeps the target's mass elsewhere. A host calls
+    ``_init_shortlist`` and provides ``lm_head()`` (the full output projection) and ``vocab_size``.
     """
 
-    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None, acceptance_head=None):
-        super().__init__()
-        self.model = model
-        # osd.decoding.stopping.AcceptanceHead or None: SpecDec++'s stop head, trained for these weights,
-        # so it travels (and swaps) with them.
-        self.acceptance_head = acceptance_head
-        self.vocab_size = model.config.vocab_size
+    vocab_size: int
+
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _init_shortlist(self, shortlist: torch.Tensor | None) -> None:
         self.register_buffer("shortlist", self._checked(shortlist), persistent=False)
         self._head_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def _checked(self, shortlist: torch.Tensor | None) -> torch.Tensor | None:
-        """shortlist: [K] token ids (any integer dtype, any order) → sorted unique int64 on the model's device."""
+        """shortlist: [K] token ids (any integer dtype, any order) → sorted unique int64 on the head's device."""
         if shortlist is None:
             return None
         if shortlist.dim() != 1 or shortlist.is_floating_point():
             raise ValueError(f"a shortlist is a 1-D tensor of integer token ids, got {shortlist.dtype} "
                              f"{list(shortlist.shape)}")
-        shortlist = torch.unique(shortlist.to(device=self.model.device, dtype=torch.long))
+        shortlist = torch.unique(shortlist.to(device=self.lm_head().weight.device, dtype=torch.long))
         if shortlist.numel() == 0 or shortlist.max() >= self.vocab_size or shortlist.min() < 0:
             raise ValueError(f"shortlist ids must be non-empty and within [0, {self.vocab_size})")
         return shortlist
@@ -91,6 +91,51 @@ class DraftModel(nn.Module):
         """shortlist: [K] token ids to serve the head through from now on; None = the full head."""
         self.shortlist = self._checked(shortlist)
         self._head_cache = None
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [..., H] final-norm hidden states → logits [..., V] fp32 through the (shortlist) head."""
+        if self.shortlist is None:
+            return self.lm_head()(hidden).float()
+        short_logits = (hidden @ self._shortlist_head().T).float()  # [..., K]
+        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
+        logits[..., self.shortlist] = short_logits
+        return logits
+
+    def _shortlist_head(self) -> torch.Tensor:
+        """The LM-head rows of the shortlist, [K, H].
+
+        Gathering them copies K·H weights (~9 MB for 4096 × 576) — on every draft step
+        that would eat much of what the shortlist saves. Served (no-grad) calls reuse one
+        copy until the weight is replaced or changed in place (its version counter moves).
+        """
+        weight = self.lm_head().weight
+        if torch.is_grad_enabled():
+            return weight[self.shortlist]  # training: the gather must stay on the autograd graph
+        key = (weight.data_ptr(), weight._version)
+        if self._head_cache is None or self._head_cache[0] != key:
+            self._head_cache = (key, weight[self.shortlist])
+        return self._head_cache[1]
+
+
+class DraftModel(ShortlistHead, nn.Module):
+    """A draft causal LM with an optional vocabulary-shortlist LM head (ShortlistHead)."""
+
+    def __init__(self, model: PreTrainedModel, shortlist: torch.Tensor | None = None, acceptance_head=None):
+        super().__init__()
+        self.model = model
+        # osd.decoding.stopping.AcceptanceHead or None: SpecDec++'s stop head, trained for these weights,
+        # so it travels (and swaps) with them.
+        self.acceptance_head = acceptance_head
+        self.vocab_size = model.config.vocab_size
+        self._init_shortlist(shortlist)
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def published_module(self) -> nn.Module:
+        """The module whose ``state_dict()`` a published version holds: the HF model."""
+        return self.model
 
     @property
     def config(self):
@@ -112,31 +157,6 @@ class DraftModel(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.logits_from_hidden(hidden)
         return (logits, hidden) if return_hidden else logits
-
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [..., H] final-norm hidden states → logits [..., V] fp32 through the (shortlist) head."""
-        if self.shortlist is None:
-            return self.model.get_output_embeddings()(hidden).float()
-        short_logits = (hidden @ self._shortlist_head().T).float()  # [..., K]
-        logits = short_logits.new_full((*short_logits.shape[:-1], self.vocab_size), float("-inf"))
-        logits[..., self.shortlist] = short_logits
-        return logits
-
-
-    def _shortlist_head(self) -> torch.Tensor:
-        """The LM-head rows of the shortlist, [K, H].
-
-        Gathering them copies K·H weights (~9 MB for 4096 × 576) — on every draft step
-        that would eat much of what the shortlist saves. Served (no-grad) calls reuse one
-        copy until the weight is replaced or changed in place (its version counter moves).
-        """
-        weight = self.model.get_output_embeddings().weight
-        if torch.is_grad_enabled():
-            return weight[self.shortlist]  # training: the gather must stay on the autograd graph
-        key = (weight.data_ptr(), weight._version)
-        if self._head_cache is None or self._head_cache[0] != key:
-            self._head_cache = (key, weight[self.shortlist])
-        return self._head_cache[1]
 
 
 def load_shortlist(path: str) -> torch.Tensor:
@@ -160,8 +180,13 @@ def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> No
 
 
 def build_draft(target: PreTrainedModel, draft: str | None = None, draft_layers: int | list[int] = 2,
-                shortlist: torch.Tensor | None = None) -> DraftModel:
-    """The default self-draft, or any HF causal LM sharing the target's tokenizer."""
+                shortlist: torch.Tensor | None = None, eagle_layers: list[int] | None = None) -> DraftModel:
+    """The default self-draft, an eagle head over the target's hidden states, or any HF causal LM
+    sharing the target's tokenizer."""
+    if draft == "eagle":
+        from osd.decoding.eagle import EagleHead  # local: the eagle module builds on this one
+
+        return EagleHead(target, eagle_layers, shortlist)
     if draft is None or draft == "self":
         model = build_self_draft(target, draft_layers)
     else:
@@ -179,9 +204,9 @@ SHORTLIST_KEY = "shortlist"
 
 
 def published_state_dict(draft: DraftModel) -> dict[str, torch.Tensor]:
-    """What a trainer publishes for ``draft``: ``draft.model``'s weights, its shortlist if it has one,
-    and the acceptance head's weights if attached."""
-    state = {k: v.detach() for k, v in draft.model.state_dict().items()}
+    """What a trainer publishes for ``draft`` (a DraftModel or an EagleHead): its own weights
+    (``published_module``), its shortlist if it has one, and the acceptance head's weights if attached."""
+    state = {k: v.detach() for k, v in draft.published_module.state_dict().items()}
     if draft.shortlist is not None:
         state[SHORTLIST_KEY] = draft.shortlist.detach()
     if draft.acceptance_head is not None:
@@ -198,7 +223,7 @@ def published_specs(template: DraftModel, names) -> dict[str, tuple[list[int], t
     """
     from osd.decoding.stopping import AcceptanceHead  # local: stopping is the drafting side
 
-    specs = {k: (list(v.shape), v.dtype) for k, v in template.model.state_dict().items()}
+    specs = {k: (list(v.shape), v.dtype) for k, v in template.published_module.state_dict().items()}
     if any(name.startswith(ACCEPTANCE_HEAD_PREFIX) for name in names):
         head = AcceptanceHead(template.config.hidden_size)
         specs |= {ACCEPTANCE_HEAD_PREFIX + k: (list(v.shape), v.dtype) for k, v in head.state_dict().items()}
@@ -214,14 +239,18 @@ def load_published_state(template: DraftModel, state: dict[str, torch.Tensor]) -
     shortlist (else the template's) and its acceptance head (else none).
 
     Raises RuntimeError (from load_state_dict) when names or shapes do not fit, ValueError when the
-    shortlist holds ids outside the vocabulary.
+    shortlist holds ids outside the vocabulary or an eagle version read other target layers.
     """
     from osd.decoding.stopping import AcceptanceHead
 
     weights = {k: v for k, v in state.items() if not k.startswith(ACCEPTANCE_HEAD_PREFIX) and k != SHORTLIST_KEY}
     head_state = {k[len(ACCEPTANCE_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(ACCEPTANCE_HEAD_PREFIX)}
-    draft = copy.deepcopy(template)
-    draft.model.load_state_dict(weights, strict=True)
+    draft = copy.deepcopy(template)  # an eagle head's copy still borrows the target's embedding and LM head
+    draft.published_module.load_state_dict(weights, strict=True)
+    layers = getattr(template, "feature_layer_ids", None)
+    if layers is not None and not torch.equal(draft.feature_layer_ids.cpu(), layers.cpu()):
+        raise ValueError(f"this eagle version reads target layers {draft.feature_layer_ids.tolist()}, the replica's "
+                         f"head reads {layers.tolist()} (models.eagle_layers)")
     if SHORTLIST_KEY in state:
         draft.set_shortlist(state[SHORTLIST_KEY])
     draft.acceptance_head = None  # a version without a head must not keep the template's
@@ -238,6 +267,6 @@ def build_draft_template(models: ModelConfig) -> DraftModel:
         raise ValueError("the trainer needs a draft to distil: set models.draft to 'self' or a model, not 'none'")
     target = load_target(models, layout=False)  # the replica's dtype ("auto" resolved the same way)
     shortlist = load_shortlist(models.shortlist) if models.shortlist else None
-    draft = build_draft(target, models.draft, models.draft_layers, shortlist)
-    del target
+    draft = build_draft(target, models.draft, models.draft_layers, shortlist, models.eagle_layers)
+    del target  # an eagle head keeps only the target's embedding and LM head, which it borrows
     return draft

@@ -8,12 +8,17 @@ in the client).
 
 Defaults follow OpenAI where OpenAI has one (``temperature`` 1.0, ``top_p`` 1.0, ``n`` 1);
 ``max_tokens`` defaults to 64. Unknown fields are ignored, as OpenAI-compatible servers
-usually do; OpenAI fields osd cannot honour (``n`` > 1, ``logprobs``, penalties, ...) get a
+usually do; OpenAI fields osd cannot honour (``n`` > 1, ``best_of``, penalties, ...) get a
 400 that names the field rather than being silently dropped. The JSON schema (``/openapi.json``)
 states the values osd accepts for them, so schema-driven clients and fuzzers see the real API.
 
 A completions ``prompt`` may be a list, as in OpenAI (``split_prompts``): each prompt becomes one
 choice, in order, and ``merge_completions`` builds the response from one completion per prompt.
+
+Completions take OpenAI's legacy ``logprobs`` (top N per token, N <= 5) and ``echo`` (the prompt
+before the text; with ``max_tokens`` 0, the prompt alone: a scoring request), the shape
+evaluation harnesses use (``completion_logprobs``). The log-probs are the target's raw
+distribution (osd/decoding/logprobs.py). Neither is streamed: with ``stream`` they are a 400.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pydantic import (
 )
 
 from osd.config import GREEDY_BELOW, SamplingParams
+from osd.decoding.logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
 
 MAX_STOP_STRINGS = 8  # SamplingParams' limit: every stop string is searched for every round
 MAX_PROMPTS = 32  # prompts in one completions request; they run one after another on the replica
@@ -179,11 +185,27 @@ class CompletionRequest(_SamplingFields):
         description=f"The prompt: text or token ids of the served model's tokenizer, or a list of up to {MAX_PROMPTS} "
                     "such prompts (strings or token-id lists), each answered by its own choice (index = position).",
         json_schema_extra=_PROMPT_SCHEMA)
-    logprobs: int | None = Field(None, description="Unsupported: only 0/None is accepted.", json_schema_extra=_only(0))
-    echo: bool = Field(False, description="Unsupported: only false is accepted.", json_schema_extra={"const": False})
+    max_tokens: int | None = Field(None, ge=0, description="Maximum new tokens; None = 64. 0 only with echo: the "
+                                                           "prompt is scored, nothing is generated.")
+    logprobs: int | None = Field(None, description=f"Return log-probabilities: of each token, and of the N (0 to "
+                                                   f"{MAX_TOP_LOGPROBS}) likeliest tokens at each position. The "
+                                                   "target's raw distribution (temperature 1, before top-k/top-p). "
+                                                   "Not with stream.",
+                                 json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    echo: bool = Field(False, description="Put the prompt before the generated text (and, with logprobs, its "
+                                          "tokens' log-probs first; the first token's is null). Not with stream.")
     best_of: int | None = Field(None, description="Unsupported: only 1/None is accepted.", json_schema_extra=_only(1))
     suffix: str | None = Field(None, description="Unsupported: only None is accepted.",
                                json_schema_extra={"type": "null"})
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs is how many likeliest tokens to list at each position, 0 to "
+                             f"{MAX_TOP_LOGPROBS} (OpenAI's limit), got {v}; the chosen token's log-prob comes "
+                             "with any of them")
+        return v
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -302,19 +324,32 @@ def _unsupported(req: _SamplingFields) -> None:
     if req.n != 1:
         raise ServingError(400, f"n={req.n} is not supported: osd returns one choice per request; send n=1 "
                                 "(or several requests)", "n")
+    chat = isinstance(req, ChatCompletionRequest)
     checks = {"presence_penalty": not req.presence_penalty, "frequency_penalty": not req.frequency_penalty,
-              "logit_bias": not req.logit_bias, "logprobs": not getattr(req, "logprobs", None),
-              "echo": not getattr(req, "echo", False), "best_of": getattr(req, "best_of", None) in (None, 1),
+              "logit_bias": not req.logit_bias, "logprobs": not (chat and req.logprobs),
+              "best_of": getattr(req, "best_of", None) in (None, 1),
               "suffix": getattr(req, "suffix", None) is None, "tools": not getattr(req, "tools", None)}
     for name, ok in checks.items():
         if not ok:
-            raise ServingError(400, f"{name} is not supported by osd; remove it from the request", name)
+            where = " on /v1/chat/completions (POST /v1/completions has logprobs)" if name == "logprobs" else ""
+            raise ServingError(400, f"{name} is not supported by osd{where}; remove it from the request", name)
+    if chat:
+        return
+    if req.stream and (req.logprobs is not None or req.echo):
+        name = "logprobs" if req.logprobs is not None else "echo"
+        raise ServingError(400, f"{name} is not streamed by osd: send stream=false to get it, or drop {name} "
+                                "to stream", name)
+    if req.max_tokens == 0 and not req.echo:
+        raise ServingError(400, "max_tokens=0 generates nothing: it scores a prompt, so send echo=true with it "
+                                "(and logprobs for the prompt's token log-probs), or max_tokens >= 1", "max_tokens")
 
 
 def to_sampling_params(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
     """Map an API request onto the engine's SamplingParams (raises ServingError 400 for unsupported fields)."""
     _unsupported(req)
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = next((m for m in (getattr(req, "max_completion_tokens", None), req.max_tokens) if m is not None),
+                      DEFAULT_MAX_TOKENS)
+    max_tokens = max(max_tokens, 1)  # 0 (echo only) generates nothing: the core scores the prompt instead
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     # Limits, not refusals: a temperature under GREEDY_BELOW is greedy, a top_p under MIN_TOP_P keeps the top
     # token alone; passed through, float32 turns them into inf / 0 and sampling would see NaN.
@@ -351,11 +386,63 @@ class OsdStats(BaseModel):
     dtype: str = Field(description="Weights dtype the target ran in, e.g. 'bfloat16' (ModelConfig.dtype 'auto' resolved).")
 
 
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token of probability 0 reports this (vLLM's value)
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions ``logprobs``: four lists, one entry per token (prompt tokens first with echo)."""
+
+    tokens: list[str] = Field(description="Each token's text (special tokens included, as the tokenizer spells them).")
+    token_logprobs: list[float | None] = Field(description="Log-probability of each token given the ones before it; "
+                                                           "null for a prompt's first token.")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description=f"Per position, the logprobs N likeliest tokens (text -> log-prob), plus the chosen token "
+                    f"when it is not among them (so N or N + 1 entries, N <= {MAX_TOP_LOGPROBS}); null for a "
+                    "prompt's first token.")
+    text_offset: list[int] = Field(description="Character offset of each token in prompt + text, as OpenAI "
+                                               "counts it (also without echo): the lengths of the tokens before.")
+
+
+def completion_logprobs(tokenizer: Any, parts: list[tuple[TokenLogprobs, int]]) -> CompletionLogprobs:
+    """The API's ``logprobs`` object for runs of tokens (osd.decoding.logprobs), each with the text offset its
+    first token starts at: ``[(prompt, 0), (output, len(prompt text))]`` under echo, else ``[(output, len(prompt text))]``.
+
+    Offsets add up each token's own decoded length (special tokens count 0, as the text skips them),
+    as vLLM does: decoding every prefix instead would cost O(n²) per request. They equal the
+    offsets in the text except where one character spans several tokens.
+    """
+    ids = [t for entries, _ in parts for t in entries.token_ids]
+    top_ids = sorted({t for entries, _ in parts for row in entries.top_ids if row for t in row} - set(ids))
+    names = dict(zip(ids + top_ids, tokenizer.batch_decode([[t] for t in ids + top_ids])))
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    offsets: list[int] = []
+    for entries, at in parts:
+        for t in entries.token_ids:
+            offsets.append(at)
+            at += 0 if t in special else len(names[t])
+    top: list[dict[str, float] | None] = []
+    logprobs: list[float | None] = []
+    for entries, _ in parts:
+        for chosen, lp, row_ids, row_lps in zip(entries.token_ids, entries.logprobs, entries.top_ids,
+                                                entries.top_logprobs):
+            logprobs.append(None if lp is None else max(lp, LOGPROB_FLOOR))
+            if row_ids is None:
+                top.append(None)
+                continue
+            row: dict[str, float] = {}
+            for t, v in [*zip(row_ids, row_lps), (chosen, lp)]:
+                row.setdefault(names[t], max(v, LOGPROB_FLOOR))  # best first: a text two ids share keeps the likelier
+            top.append(row)
+    return CompletionLogprobs(tokens=[names[t] for t in ids], token_logprobs=logprobs, top_logprobs=top,
+                              text_offset=offsets)
+
+
 class CompletionChoice(BaseModel):
     index: int = Field(0, description="Which prompt this choice answers: its position in a prompt list, else 0.")
-    text: str = Field(description="Generated text, cut before any stop string.")
+    text: str = Field(description="Generated text, cut before any stop string; with echo, the prompt first.")
     finish_reason: Literal["stop", "length"] | None = Field(description="'stop' (EOS or stop string) or 'length'.")
-    logprobs: None = Field(None, description="Always null (logprobs unsupported).")
+    logprobs: CompletionLogprobs | None = Field(None, description="With logprobs in the request: per-token "
+                                                                  "log-probs (prompt tokens first with echo).")
 
 
 class Completion(BaseModel):

@@ -21,6 +21,10 @@ Concurrency model (one replica):
   ``max_cluster_drafts`` cluster drafts are held, least recently used evicted first; in
   shared-base mode they are LoRA adapters on one base (``osd.models.adapters``).
 - Training records go to a ``Recorder`` (background thread), never on the response path.
+- With ``auto_rollback`` a ``SwapWatch`` compares each newly live version's served α̂ and tokens
+  per forward with its predecessor's; on a clear drop a background thread marks it bad in the
+  registry and rolls the live pointer back (osd/serving/swap_watch.py). Other replicas follow
+  on their next sync; a version marked bad is never loaded.
 """
 
 from __future__ import annotations
@@ -45,8 +49,12 @@ from osd.models.adapters import SharedBaseDrafts
 from osd.models.drafts import DraftModel, load_published_state, published_specs
 from osd.registry import (
     CLUSTER_RE,
+    BadDraftError,
+    CorruptDraftError,
     DraftMismatchError,
     DraftRegistry,
+    RegistryError,
+    RollbackError,
     normalize_specs,
     spec_diff,
     tensor_specs,
@@ -70,12 +78,14 @@ from osd.serving.api import (
     OsdStats,
     ServingError,
     Usage,
+    completion_logprobs,
     to_sampling_params,
 )
 from osd.serving.dashboard import DashboardStore, target_step_s
 from osd.serving.engine_thread import EngineThread
 from osd.serving.metrics import MetricsMirror, ServingMetrics
 from osd.serving.streaming import Cancelled, PreparedRequest, SSEStream, usage_of
+from osd.serving.swap_watch import AutoRollbackConfig, SwapWatch, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +111,8 @@ class ServingCore:
                  max_prompt_tokens: int | None = None, dashboard: DashboardStore | None = None,
                  buffer: RecordBuffer | None = None, metrics_mirror: MetricsMirror | None = None,
                  router: Router | None = None, max_cluster_drafts: int = 8,
-                 shared: SharedBaseDrafts | None = None, engine_thread: EngineThread | None = None) -> None:
+                 shared: SharedBaseDrafts | None = None, engine_thread: EngineThread | None = None,
+                 auto_rollback: AutoRollbackConfig | None = None) -> None:
         self.engine = engine
         # Every generation runs on this one thread (the replica also loads and warms up on it): see engine_thread.py.
         self.engine_thread = engine_thread or EngineThread()
@@ -121,6 +132,9 @@ class ServingCore:
         self.suffix = engine.config.suffix is not None and isinstance(engine, TreeSpeculativeEngine)
         self.recorder = recorder
         self.registry = registry
+        # Undoing a swap needs the registry: without one there is nothing to roll back to.
+        self.watch = (SwapWatch(auto_rollback) if auto_rollback is not None and auto_rollback.enabled
+                      and registry is not None else None)
         self.vocab_size = int(engine.target.config.vocab_size)
         # At least one new token must fit in the context window.
         self.max_prompt_tokens = min(max_prompt_tokens or engine.context_window - 1, engine.context_window - 1)
@@ -135,6 +149,10 @@ class ServingCore:
         self._generate_lock = threading.Lock()  # the engine runs one request at a time
         self._state_lock = threading.Lock()  # guards the two counters below
         self._waiting = self._running = 0
+        # cluster -> (version, error) of the last version this replica refused as unloadable. Stored versions are
+        # immutable, so the same bytes fail the same way: a poll must not fetch and hash them again (a corrupt live
+        # SmolLM2 self-draft, embeddings included, is 68 MB in bf16, fetched per replica every draft_poll_interval_s).
+        self._refused: dict[str, tuple[int, RegistryError]] = {}
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -158,12 +176,27 @@ class ServingCore:
     # -- requests ------------------------------------------------------------------------------
 
     def complete(self, req: CompletionRequest | dict) -> dict:
-        """POST /v1/completions without streaming -> a Completion dict."""
-        prep = self._prepare(_coerce(req, CompletionRequest))
-        gen, cluster, live = self.generate_prepared(prep)
+        """POST /v1/completions without streaming -> a Completion dict (logprobs and echo as asked)."""
+        req = _coerce(req, CompletionRequest)
+        prep = self._prepare(req)
+        gen, cluster, live = self.generate_prepared(prep, logprobs=req.logprobs, score_only=req.max_tokens == 0,
+                                                    prompt_logprobs=req.echo and req.logprobs is not None)
         return Completion(id=prep.request_id, created=prep.created, model=self.model_name,
-                          choices=[CompletionChoice(text=gen.text, finish_reason=gen.finish_reason)],
+                          choices=[self._completion_choice(req, prep, gen)],
                           usage=usage_of(gen), osd=self.osd_stats(gen, cluster, live)).model_dump()
+
+    def _completion_choice(self, req: CompletionRequest, prep: PreparedRequest, gen: Generation) -> CompletionChoice:
+        """The text (after the prompt under echo: the prompt as sent, or its ids decoded) and the logprobs object."""
+        if not (req.echo or req.logprobs is not None):
+            return CompletionChoice(text=gen.text, finish_reason=gen.finish_reason)
+        prompt = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prep.prompt_ids,
+                                                                                       skip_special_tokens=True)
+        logprobs = None
+        if req.logprobs is not None:  # text offsets count from the prompt's start, echo or not (OpenAI)
+            parts = [(gen.prompt_logprobs, 0)] if req.echo else []
+            logprobs = completion_logprobs(self.tokenizer, [*parts, (gen.logprobs, len(prompt))])
+        return CompletionChoice(text=prompt + gen.text if req.echo else gen.text, finish_reason=gen.finish_reason,
+                                logprobs=logprobs)
 
     def chat(self, req: ChatCompletionRequest | dict) -> dict:
         """POST /v1/chat/completions without streaming -> a ChatCompletion dict."""
@@ -229,7 +262,10 @@ class ServingCore:
         return pinned
 
     def generate_prepared(self, prep: PreparedRequest, on_tokens: Callable[[list[int]], None] | None = None,
-                  cancel: threading.Event | None = None) -> tuple[Generation, str, LiveDraft]:
+                          cancel: threading.Event | None = None, *, logprobs: int | None = None,
+                          prompt_logprobs: bool = False, score_only: bool = False) -> tuple[Generation, str, LiveDraft]:
+        """Run one prepared request on the engine thread. ``logprobs`` / ``prompt_logprobs``: the target's
+        per-token log-probs (top N) of the output / the prompt; ``score_only``: the prompt alone (max_tokens 0)."""
         arrived = time.monotonic()
         with self._state_lock:
             self._waiting += 1
@@ -241,14 +277,21 @@ class ServingCore:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled
                 live = self.live_draft(prep.cluster)  # read once: draft and version travel together
-                gen = self.engine_thread.run(
-                    self.engine.generate, prep.prompt_ids, prep.params, draft_version=live.version,
-                    cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft,
-                    request_id=prep.request_id.split("-", 1)[1])  # ties the record to the response id
+                if score_only:
+                    gen = self.engine_thread.run(self.engine.score, prep.prompt_ids, logprobs)
+                else:
+                    asked = {"logprobs": logprobs, "prompt_logprobs": True} if prompt_logprobs else (
+                        {"logprobs": logprobs} if logprobs is not None else {})
+                    gen = self.engine_thread.run(
+                        self.engine.generate, prep.prompt_ids, prep.params, draft_version=live.version,
+                        cluster=prep.cluster, on_tokens=on_tokens, draft=live.draft,
+                        request_id=prep.request_id.split("-", 1)[1], **asked)  # the id ties the record to the response
             finally:
                 with self._state_lock:
                     self._running -= 1
         self.metrics.observe_request(prep.cluster, live.version, gen, latency_s=time.monotonic() - arrived)
+        if self.watch is not None:
+            self._watch_request(live, gen)
         if self.dashboard is not None:  # queued for a background thread: never waits for Redis
             s = gen.stats
             self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
@@ -322,6 +365,8 @@ class ServingCore:
                 self._drafts[cluster] = live
                 self._drafts.move_to_end(cluster)
                 retired = [old] + self._evict_cold_drafts()
+                if self.watch is not None:  # under the pair lock: no request of the new pair finishes before it
+                    self.watch.swapped(cluster, version)
         for pair in retired:
             self._retire(pair)
         self.metrics.observe_swap(cluster, "ok")
@@ -379,16 +424,74 @@ class ServingCore:
                 current = self._drafts.get(cluster)
             if manifest is None or (current is not None and current.version == manifest.version):
                 return None
+            if (note := registry.bad_versions(cluster).get(manifest.version)) is not None:
+                raise BadDraftError(f"draft cluster {cluster!r} v{manifest.version} is live in the registry but "
+                                    f"marked bad ({note}); keeping v{current.version if current else None}. "
+                                    "Roll the cluster back or publish a new version.")
             template = self._drafts[DEFAULT_CLUSTER].draft
             if template is None:
                 raise DraftMismatchError("this replica serves without a draft; it cannot load registry drafts")
             specs = (self.shared.adapter_specs() if self.shared is not None
                      else published_specs(template, manifest.tensors))
-            state = registry.load_validated(cluster, manifest.version, specs)
-            live = self.swap_draft(manifest.version, state, cluster, meta=manifest.meta)
+            if (refused := self._refused.get(cluster)) is not None and refused[0] == manifest.version:
+                raise type(refused[1])(str(refused[1]))
+            try:
+                state = registry.load_validated(cluster, manifest.version, specs)
+                live = self.swap_draft(manifest.version, state, cluster, meta=manifest.meta)
+            except (CorruptDraftError, DraftMismatchError) as e:
+                self._refused[cluster] = (manifest.version, e)
+                raise
         if self.shared is not None:
             self.shared.collect()  # adapters whose last request has ended since the last sync
         return live
+
+    def _watch_request(self, live: LiveDraft, gen: Generation) -> None:
+        """Feed the swap watch one finished request; a verdict to roll back starts a thread that does it.
+        Never raises: the watch is a safety net, and serving must not fall through it."""
+        try:
+            verdict = self.watch.observe(live.lineage, live.version, gen.stats)  # type: ignore[union-attr]
+            if verdict is None:
+                return
+            if not verdict.roll_back:
+                log.info("cluster %r: draft v%d holds up after its swap: %s", verdict.cluster, verdict.version,
+                         verdict.reason)
+                return
+            threading.Thread(target=self._auto_rollback, args=(verdict,), name="osd-auto-rollback",
+                             daemon=True).start()
+        except Exception:
+            log.exception("swap watch failed on a finished request; serving goes on")
+
+    def _auto_rollback(self, verdict: Verdict) -> None:
+        """Mark ``verdict.version`` bad and roll the live pointer back to the version it was judged
+        against, then load that here. Idempotent across replicas (``DraftRegistry.reject``): only
+        the replica that moves the pointer posts the dashboard's swap point and counts it."""
+        cluster, version = verdict.cluster, verdict.version
+        log.warning("cluster %r: draft v%d serves worse than v%d, rolling back: %s", cluster, version,
+                    verdict.baseline_version, verdict.reason)
+        try:
+            moved = self.registry.reject(cluster, version, f"auto rollback: {verdict.reason}",  # type: ignore[union-attr]
+                                         to_version=verdict.baseline_version)
+        except RollbackError as e:  # nothing stored to go back to (v0): retrying will not change that
+            log.warning("cluster %r: cannot roll draft v%d back automatically: %s", cluster, version, e)
+            return
+        except Exception as e:  # registry unreachable, target corrupt: judge again on the next requests
+            log.warning("cluster %r: auto rollback of draft v%d failed (%s: %s); judging it again", cluster,
+                        version, type(e).__name__, e)
+            self.watch.reopen(cluster, version)  # type: ignore[union-attr]
+            return
+        if moved is None:
+            log.info("cluster %r: draft v%d was no longer live (another replica or an admin moved it first); "
+                     "marked bad", cluster, version)
+        elif self.dashboard is not None:
+            self.dashboard.post_swap(cluster, moved.version, "auto_rollback")  # queued, never raises
+            try:
+                self.dashboard.count_rollback(cluster, auto=True)
+            except Exception as e:
+                log.warning("dashboard: auto rollback not counted: %s", e)
+        try:
+            self.sync_from_registry(self.registry, cluster)  # whatever is live now: the baseline, or newer
+        except Exception as e:  # the poller tries again
+            log.warning("cluster %r: sync after the auto rollback failed: %s", cluster, e)
 
     def drafts_info(self) -> dict:
         """cluster -> what this replica holds, and the registry's live version when there is a registry."""
@@ -399,8 +502,10 @@ class ServingCore:
             try:
                 for c in sorted(set(self.registry.clusters()) | set(held)):
                     manifest = self.registry.live(c)
-                    out.setdefault(c, {"version": None, "has_draft": False})["registry_live"] = (
-                        manifest.version if manifest else None)
+                    entry = out.setdefault(c, {"version": None, "has_draft": False})
+                    entry["registry_live"] = manifest.version if manifest else None
+                    if bad := self.registry.bad_versions(c):
+                        entry["bad_versions"] = {str(v): reason for v, reason in sorted(bad.items())}
             except Exception as e:  # listing must work even when the registry does not
                 log.warning("registry unavailable while listing drafts: %s", e)
                 for entry in out.values():
@@ -530,6 +635,8 @@ _TRAINER_METRICS = (  # (name, field of DashboardStore.trainer_counters, help, i
     ("osd:trainer_promotions", "promotions", "Candidates the gate promoted (published as a new version).", True),
     ("osd:trainer_rejections", "rejections", "Candidates the gate refused.", True),
     ("osd:draft_rollbacks", "rollbacks", "Admin rollbacks of the live draft.", True),
+    ("osd:draft_auto_rollbacks", "auto_rollbacks", "Automatic rollbacks of a live draft that served worse than "
+                                                   "its predecessor (osd/serving/swap_watch.py).", True),
     ("osd:trainer_loss", "loss", "Distillation loss of the last update.", False),
     ("osd:trainer_gate_alpha_candidate", "alpha_candidate", "Gate alpha-hat of the last candidate (held-out).",
      False),

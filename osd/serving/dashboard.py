@@ -1,8 +1,8 @@
 """The drift dashboard's history, kept in Redis so every replica shows the same one.
 
 Writers post small JSON points — a finished request (replicas), a trainer update and a
-draft going live (the trainer, the admin rollback route), a buffer backlog sample (the
-trainer) — and ``DashboardStore.data()`` turns the retained history into the
+draft going live (the trainer, the admin rollback route, a replica's automatic rollback), a
+buffer backlog sample (the trainer) — and ``DashboardStore.data()`` turns the retained history into the
 :class:`~osd.serving.dashboard_schema.DashboardData` that ``GET /dashboard/data`` returns.
 
 Layout: one Redis stream per kind (``<prefix>requests``, ``swaps``, ``backlog``, ``trainer``),
@@ -100,7 +100,8 @@ class DashboardStore:
                                     prefill_s=prefill_s, target_step_s=target_step_s))
 
     def post_swap(self, cluster: str, version: int, kind: str) -> None:
-        """``version`` went live for ``cluster`` ('promoted' by the trainer or an admin 'rollback')."""
+        """``version`` went live for ``cluster``: 'promoted' by the trainer, an admin 'rollback', or an
+        'auto_rollback' by a replica that found the version it replaced serving clearly worse."""
         self._post("swaps", SwapEvent(t=self.clock(), cluster=cluster, version=version, kind=kind).model_dump())
 
     def post_backlog(self, cluster: str, length: int, pending: int, lag: int | None) -> None:
@@ -202,14 +203,16 @@ class DashboardStore:
         pipe.hset(key, mapping={"loss": point["loss"], "alpha_candidate": point["alpha_candidate"],
                                 "alpha_live": point["alpha_live"]})
 
-    def count_rollback(self, cluster: str) -> None:
-        """Rollbacks are rare admin actions: counted synchronously (raises if Redis is down)."""
-        self.redis.hincrby(f"{self.config.key_prefix}counters:{cluster}", "rollbacks", 1)
+    def count_rollback(self, cluster: str, auto: bool = False) -> None:
+        """Rollbacks are rare (an admin's, or ``auto`` a replica's swap watch): counted synchronously
+        (raises if Redis is down)."""
+        self.redis.hincrby(f"{self.config.key_prefix}counters:{cluster}", "auto_rollbacks" if auto else "rollbacks", 1)
 
     # -- reading ---------------------------------------------------------------------------------
 
     def trainer_counters(self) -> dict[str, dict[str, float]]:
-        """cluster -> {updates, promotions, rejections, rollbacks, loss, alpha_candidate, alpha_live}."""
+        """cluster -> {updates, promotions, rejections, rollbacks, auto_rollbacks, loss, alpha_candidate,
+        alpha_live}."""
         prefix = f"{self.config.key_prefix}counters:"
         out = {}
         for key in self.redis.scan_iter(match=f"{prefix}*", count=100):

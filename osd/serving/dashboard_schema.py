@@ -49,12 +49,13 @@ class RequestPoint(_Frozen):
 
 
 class SwapEvent(_Frozen):
-    """A draft version went live for a cluster (promoted by the trainer, or an admin rollback)."""
+    """A draft version went live for a cluster (promoted by the trainer, an admin rollback, or an automatic one)."""
 
     t: float
     cluster: str
     version: int
-    kind: str = Field(description="'promoted' or 'rollback'.")
+    kind: str = Field(description="'promoted', 'rollback' (an admin's) or 'auto_rollback' (a replica found the "
+                                  "version it replaced serving clearly worse: osd/serving/swap_watch.py).")
 
 
 class BacklogPoint(_Frozen):

@@ -134,7 +134,7 @@ def test_every_truncation_is_refused():
     (b"", "truncated"),
     (b"PK\x03\x04" + b"\0" * 40, "magic"),  # a zip file
     (b"\x80\x04\x95" + b"\0" * 40, "magic"),  # a pickle stream
-    (_join({}, b"", version=2), "version 2"),
+    (_join({}, b"", version=3), "version 3"),
     (_join({}, b"", magic=b"OSDX"), "magic"),
     (struct.pack("<4sHI", MAGIC, 1, 5) + b"\xff\xfe{}!!", "UTF-8 JSON"),
     (_join([1, 2], b""), "JSON object"),  # type: ignore[arg-type]
@@ -219,3 +219,31 @@ def test_encode_refuses_bad_records():
     rec.output_ids = [0, 1, 2**40]
     with pytest.raises(ValueError, match="int32"):
         encode_record(rec)
+
+
+# -- version 2: the eagle head's target features -------------------------------------------------
+
+
+def test_features_round_trip_and_a_record_without_them_stays_version_1():
+    plain = make_record(T=3, P=5)
+    assert struct.unpack_from("<4sH", encode_record(plain))[1] == 1  # version-1 readers keep reading these
+    features = torch.randn(5 + 3 - 1 - 2, 12).half()  # positions 2 .. P+T-2
+    rec = make_record(T=3, P=5, target_features=features, feature_start=2)
+    data = encode_record(rec)
+    assert struct.unpack_from("<4sH", data)[1] == 2
+    back = decode_record(data)
+    assert_same(rec, back)
+    assert back.feature_start == 2 and back.target_features.dtype == torch.float16
+    assert torch.equal(back.target_features, features)
+    assert len(data) - len(encode_record(plain)) == features.numel() * 2 + len(',"feature_start":2') + len(
+        json.dumps(_arr(json.loads(data[10:10 + struct.unpack_from("<I", data, 6)[0]]), "target_features"),
+                   separators=(",", ":"))) + 1  # the features' bytes, the header field and the descriptor
+
+
+def test_features_of_the_wrong_length_or_in_a_version_1_record_are_refused():
+    with pytest.raises(ValueError, match="target_features"):
+        make_record(T=3, P=5, target_features=torch.zeros(4, 12).half(), feature_start=2)  # needs 5 rows
+    data = encode_record(make_record(T=3, P=5, target_features=torch.zeros(7, 12).half()))
+    as_v1 = data[:4] + struct.pack("<H", 1) + data[6:]
+    with pytest.raises(RecordDecodeError, match="version 1"):
+        decode_record(as_v1)

@@ -9,8 +9,9 @@ import torch
 from support.lossless import VOCAB, assert_distributed_as_target, sample_outputs
 from support.tiny import CharTokenizer, hf_greedy, tiny_llama
 
-from osd.config import EngineConfig, SamplingParams, SuffixConfig
+from osd.config import EngineConfig, SamplingParams, SuffixConfig, TreeConfig
 from osd.decoding.eagle import EagleHead, FeatureCapture, default_feature_layers
+from osd.decoding.eagle_tree import EagleTreeDrafter
 from osd.decoding.engine import SpeculativeEngine
 from osd.decoding.kv_cache import make_cache
 from osd.decoding.tree_engine import TreeSpeculativeEngine
@@ -116,8 +117,77 @@ def test_sampled_sequences_follow_the_target():
                                      SamplingParams(**params))
 
 
-def test_trees_refuse_an_eagle_head_for_now():
-    target = tiny_llama(32, layers=2)
-    engine = SpeculativeEngine(target, CharTokenizer(), EagleHead(target), EngineConfig(suffix=SuffixConfig()))
-    with pytest.raises(ValueError, match="chains so far"):
-        TreeSpeculativeEngine.from_engine(engine, measure=False)
+TREE = TreeConfig(shape="dynamic", top_k=3, max_depth=4, budget=8)
+
+
+@pytest.mark.parametrize("suffix", [None, SuffixConfig()], ids=["head", "head+suffix"])
+def test_tree_greedy_output_is_the_targets(suffix):
+    target = tiny_llama(64, layers=4, seed=0, sharpness=3.0)
+    head = EagleHead(target)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), head, EngineConfig(speculation="always", suffix=suffix),
+                                   TREE)
+    for prompt in ([3], [4, 2], [1, 5, 9, 13, 2, 8], [1, 5, 9, 13, 2, 8]):  # the repeat gives suffix matches
+        out = engine.generate(prompt, SamplingParams(max_tokens=24))
+        assert out.output_ids == hf_greedy(target, prompt, 24)
+    assert out.stats.draft_rounds > 0 and out.stats.proposed > out.stats.rounds
+
+
+def test_every_tree_node_gets_the_heads_distribution_after_its_own_path():
+    """Each expanded node's q is what the head gives after drafting exactly that node's path (its parent's
+    output fed back, siblings and cousins invisible), computed from scratch by HeadChainLM."""
+    target = tiny_llama(48, layers=4, seed=0, sharpness=3.0)
+    head = EagleHead(target)
+    prompt = [5, 7, 11, 2, 9]
+    capture = FeatureCapture(target, head.feature_layers)
+    drafter = EagleTreeDrafter(head, capture, TreeConfig(shape="dynamic", top_k=2, max_depth=3, budget=12))
+    with torch.no_grad():
+        target(torch.tensor([prompt[:-1]]))
+    drafter.target_rows(len(prompt) - 1)
+    tree, _ = drafter.build(prompt, SamplingParams(temperature=0.0), None, 3)
+    reference = HeadChainLM(target, head, len(prompt))
+    checked = 0
+    for node in range(tree.size):
+        if not tree.q[node].any():
+            continue  # a leaf the head never expanded
+        path, n = [], node
+        while n > 0:
+            path.insert(0, int(tree.tokens[n]))
+            n = int(tree.parents[n])
+        with torch.no_grad():
+            want = reference(torch.tensor([prompt + path])).logits[0, -1].softmax(-1)
+        torch.testing.assert_close(tree.q[node], want, atol=1e-5, rtol=1e-4)
+        checked += 1
+    assert checked >= 4 and int(tree.depths.max()) == 3
+
+
+def test_a_tree_reads_the_committed_paths_features():
+    """After tree rounds the head's committed entries are the target's features of the committed tokens
+    (rows of the accepted path, not of rejected siblings), so a record's features equal a fresh forward's."""
+    target = tiny_llama(48, layers=4, seed=0, sharpness=3.0)
+    head = EagleHead(target)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), head, EngineConfig(speculation="always"), TREE)
+    out = engine.generate([5, 7, 11, 2, 9], SamplingParams(max_tokens=20))
+    rec = out.record
+    tokens = rec.prompt_ids + rec.output_ids
+    assert out.stats.rounds > 3 and out.stats.proposed > out.stats.rounds  # trees wider than chains
+    torch.testing.assert_close(rec.target_features.float(),
+                               fresh_features(target, tokens, head.feature_layers)[: len(tokens) - 1].half().float(),
+                               atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("children", ["draw", "top"])
+def test_tree_sampled_sequences_follow_the_target(children):
+    target = tiny_llama(vocab=VOCAB, layers=4, sharpness=8.0)
+    head = EagleHead(target)
+    with torch.no_grad():
+        head.fuse.weight.normal_(0, 1.0)
+    prompt, n = [1, 2, 3], 1200
+    params = {"max_tokens": 3, "temperature": 0.8, "top_p": 0.95}
+    tree = TreeConfig(shape="dynamic", top_k=2, max_depth=2, budget=4, sampled_children=children)
+    engine = TreeSpeculativeEngine(target, CharTokenizer(), head, EngineConfig(speculation="always", record=False), tree)
+    counts, outs = sample_outputs(engine, prompt, params, n)
+    accepted = sum(o.stats.accepted for o in outs)
+    assert 0 < accepted < n * 2, "both accept and reject paths must be exercised"
+    with torch.no_grad():
+        assert_distributed_as_target(counts, n, target, HeadChainLM(target, head, len(prompt)), prompt,
+                                     SamplingParams(**params))

@@ -311,7 +311,8 @@ BAD_REQUESTS = [
     ("wrong content type", "/v1/completions", dict(content=b"prompt=hi", headers={"content-type": "text/plain"}), 415, None),
     ("form body", "/v1/chat/completions", dict(data={"prompt": "hi"}), 415, None),
     ("n=2", "/v1/completions", dict(json={"prompt": "hi", "n": 2}), 400, "n"),
-    ("unsupported logprobs", "/v1/completions", dict(json={"prompt": "hi", "logprobs": 2}), 400, "logprobs"),
+    ("logprobs above 5", "/v1/completions", dict(json={"prompt": "hi", "logprobs": 6}), 422, "logprobs"),
+    ("unsupported best_of", "/v1/completions", dict(json={"prompt": "hi", "best_of": 3}), 400, "best_of"),
     ("unknown model", "/v1/completions", dict(json={"model": "gpt-9", "prompt": "hi"}), 404, "model"),
     ("empty stop string", "/v1/completions", dict(json={"prompt": "hi", "stop": [""]}), 422, "stop"),
     # JSON may spell a lone UTF-16 surrogate ("\udcff"); no tokenizer can encode it.
