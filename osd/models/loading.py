@@ -10,6 +10,7 @@ target or draft.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import importlib.util
 import logging
@@ -170,7 +171,11 @@ def convert_packaged_smollm2(dest: Path) -> Path:
     steps.set_postfix_str("copying weights")
     # A model loaded from GGUF refuses save_pretrained; a fresh one built from its
     # config with the same state dict does not.
-    fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    # The dequantized weights are plain fp32: a leftover GGUF quantization_config would make other
+    # loaders (lm-eval's hf model, plain from_pretrained) try to quantize or refuse the checkpoint.
+    config.__dict__.pop("quantization_config", None)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
