@@ -175,15 +175,16 @@ def test_a_tree_reads_the_committed_paths_features():
                                atol=2e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("children", ["draw", "top"])
-def test_tree_sampled_sequences_follow_the_target(children):
+def test_tree_sampled_sequences_follow_the_target():
+    """Drawn children (the default); the top-k point-mass rule is the same code for every draft
+    (tests/decoding/test_tree.py), and the head's tree q is checked exactly above."""
     target = tiny_llama(vocab=VOCAB, layers=4, sharpness=8.0)
     head = EagleHead(target)
     with torch.no_grad():
         head.fuse.weight.normal_(0, 1.0)
     prompt, n = [1, 2, 3], 1200
     params = {"max_tokens": 3, "temperature": 0.8, "top_p": 0.95}
-    tree = TreeConfig(shape="dynamic", top_k=2, max_depth=2, budget=4, sampled_children=children)
+    tree = TreeConfig(shape="dynamic", top_k=2, max_depth=2, budget=4, sampled_children="draw")
     engine = TreeSpeculativeEngine(target, CharTokenizer(), head, EngineConfig(speculation="always", record=False), tree)
     counts, outs = sample_outputs(engine, prompt, params, n)
     accepted = sum(o.stats.accepted for o in outs)
