@@ -53,7 +53,7 @@ class OsdAppConfig(_Strict):
     replica_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica; fractional is fine.")
     replica_num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (set models.device='cuda' to use them).")
     replica_torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per replica (Ray sets OMP_NUM_THREADS from num_cpus; this wins).")
-    max_ongoing_requests: int = Field(16, ge=1, le=32, description="Requests Serve hands one replica at once; they queue for its engine (one generation at a time). Keep below 40, the HTTP thread pool.")
+    max_ongoing_requests: int = Field(16, ge=1, le=32, description="Requests Serve hands one replica at once; they queue for its engine (one generation at a time; with engine.max_batch > 1, at least max_batch are handed over, and that many decode together). Keep below 40, the HTTP thread pool.")
     trainer: TrainerSettings = Field(default_factory=TrainerSettings, description="The trainer actor.")
     auto_rollback: AutoRollbackConfig = Field(default_factory=AutoRollbackConfig, description="Each replica compares a newly live draft version's served α̂ and tokens per forward with the version it replaced; a clear drop marks it bad in the registry and rolls it back (README, docs/dashboard.md).")
     draft_poll_interval_s: float = Field(2.0, gt=0, le=3600, description="How often each replica checks the registry for a live draft version other than its own (newer, or older after a rollback).")
@@ -64,6 +64,10 @@ class OsdAppConfig(_Strict):
     def _adapters_need_lora(self) -> OsdAppConfig:
         if self.cluster_drafts == "lora" and self.distill.mode != "lora":
             raise ValueError("cluster_drafts='lora' (shared base + adapters) needs distill.mode='lora'")
+        if self.engine.max_batch > 1 and self.models.draft == "eagle":
+            raise ValueError("engine.max_batch > 1 (continuous batching) drafts with a draft model; an eagle head reads "
+                             "the target's features, which the batched forward does not capture: set max_batch to 1 "
+                             "or use another draft")
         if self.cluster_drafts == "lora" and self.models.draft == "eagle":
             raise ValueError("cluster_drafts='lora' adapts a shared self-draft; an eagle head is one layer and trains "
                              "whole: use cluster_drafts='full' with models.draft='eagle'")
@@ -106,3 +110,9 @@ class OsdAppConfig(_Strict):
 
     def spool_root(self) -> Path | None:
         return Path(self.spool_dir).expanduser() if self.spool_dir else None
+
+    @property
+    def replica_max_ongoing_requests(self) -> int:
+        """What Serve hands one replica at once: max_ongoing_requests, and never fewer than a full batch (so the
+        batch can fill; requests past it queue in the replica, not at the proxy)."""
+        return max(self.max_ongoing_requests, self.engine.max_batch)

@@ -236,7 +236,7 @@ def app_builder(args: dict) -> Application:
     trainer = TrainerSupervisor.bind(config) if cfg.trainer.enabled else None
     server = OsdServer.options(
         num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.replica_max_ongoing_requests,  # a full batch at least, with engine.max_batch > 1
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
     )
     return server.bind(config, trainer)

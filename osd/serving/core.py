@@ -8,7 +8,8 @@ Concurrency model (one replica):
   thread-safe, so a lock admits one request at a time and the others wait in arrival
   order (roughly: Python locks are not strictly FIFO). Throughput scales with replicas;
   Serve's ``max_ongoing_requests`` bounds how many wait here, ``num_requests_waiting`` on
-  /metrics shows the queue.
+  /metrics shows the queue. With ``engine.max_batch`` > 1 up to that many requests share each
+  round instead (continuous batching: osd/serving/batch_loop.py); the others queue in its loop.
 - Drafts live as one ``LiveDraft(version, draft)`` pair per cluster. A request reads its
   pair once, when it gets the generation lock, and hands draft *and* version to
   ``engine.generate``, so a swap can never mix two versions' weights inside a request nor
@@ -43,6 +44,8 @@ from jinja2.exceptions import TemplateError
 
 from osd.data.buffer import RecordBuffer
 from osd.data.recorder import Recorder
+from osd.decoding.batch_engine import BatchEngine
+from osd.decoding.eagle import EagleHead
 from osd.decoding.engine import Generation, RequestError, SpeculativeEngine
 from osd.decoding.tree_engine import TreeSpeculativeEngine
 from osd.models.adapters import SharedBaseDrafts
@@ -81,6 +84,7 @@ from osd.serving.api import (
     completion_logprobs,
     to_sampling_params,
 )
+from osd.serving.batch_loop import BatchLoop
 from osd.serving.dashboard import DashboardStore, target_step_s
 from osd.serving.engine_thread import EngineThread
 from osd.serving.metrics import MetricsMirror, ServingMetrics
@@ -121,6 +125,14 @@ class ServingCore:
         self.shared = shared
         if shared is not None:
             engine.draft = shared.base_draft()
+        # engine.max_batch > 1: requests share rounds in a BatchEngine fed by a BatchLoop on that thread (batch_loop.py).
+        self.batch_loop: BatchLoop | None = None
+        if engine.config.max_batch > 1:
+            if isinstance(engine.draft, EagleHead) or isinstance(engine, TreeSpeculativeEngine):
+                raise ValueError("engine.max_batch > 1 (continuous batching) drafts with a chain draft model; an "
+                                 "eagle head or a token tree is served one request at a time: set max_batch to 1")
+            batch = self.engine_thread.run(BatchEngine, engine, max_batch=engine.config.max_batch)  # measures costs
+            self.batch_loop = BatchLoop(batch, self.engine_thread)
         self.router = router  # None: requests that name no cluster go to 'global'
         self.max_cluster_drafts = max_cluster_drafts  # cluster drafts held besides global's (LRU beyond)
         self.dashboard = dashboard  # history for /dashboard (None: no dashboard)
@@ -267,6 +279,25 @@ class ServingCore:
         """Run one prepared request on the engine thread. ``logprobs`` / ``prompt_logprobs``: the target's
         per-token log-probs (top N) of the output / the prompt; ``score_only``: the prompt alone (max_tokens 0)."""
         arrived = time.monotonic()
+        if self.batch_loop is not None:
+            gen, live = self._generate_batched(prep, on_tokens, cancel, logprobs, prompt_logprobs, score_only)
+        else:
+            gen, live = self._generate_one(prep, on_tokens, cancel, logprobs, prompt_logprobs, score_only)
+        self.metrics.observe_request(prep.cluster, live.version, gen, latency_s=time.monotonic() - arrived)
+        if self.watch is not None:
+            self._watch_request(live, gen)
+        if self.dashboard is not None:  # queued for a background thread: never waits for Redis
+            s = gen.stats
+            self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
+                                        s.target_forwards, s.elapsed_s, accepted=s.accepted_by_source(),
+                                        prefill_s=s.prefill_s, target_step_s=target_step_s(self.engine, live.draft))
+        if gen.record is not None and self.recorder is not None:
+            self.recorder.submit(gen.record)  # never blocks, never raises
+        return gen, prep.cluster, live
+
+    def _generate_one(self, prep: PreparedRequest, on_tokens, cancel, logprobs, prompt_logprobs,
+                      score_only) -> tuple[Generation, LiveDraft]:
+        """One request at a time (max_batch 1): the generation lock, then the engine thread."""
         with self._state_lock:
             self._waiting += 1
         with self._generate_lock:
@@ -289,17 +320,34 @@ class ServingCore:
             finally:
                 with self._state_lock:
                     self._running -= 1
-        self.metrics.observe_request(prep.cluster, live.version, gen, latency_s=time.monotonic() - arrived)
-        if self.watch is not None:
-            self._watch_request(live, gen)
-        if self.dashboard is not None:  # queued for a background thread: never waits for Redis
-            s = gen.stats
-            self.dashboard.post_request(prep.cluster, live.version, s.alpha_hat, len(gen.output_ids),
-                                        s.target_forwards, s.elapsed_s, accepted=s.accepted_by_source(),
-                                        prefill_s=s.prefill_s, target_step_s=target_step_s(self.engine, live.draft))
-        if gen.record is not None and self.recorder is not None:
-            self.recorder.submit(gen.record)  # never blocks, never raises
-        return gen, prep.cluster, live
+        return gen, live
+
+    def _generate_batched(self, prep: PreparedRequest, on_tokens, cancel, logprobs, prompt_logprobs,
+                          score_only) -> tuple[Generation, LiveDraft]:
+        """Through the BatchLoop: the request joins the batch, reading its live pair as it does. Log-probs and
+        prompt scoring are not batched: they run alone on the engine thread between two rounds."""
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        held: dict[str, LiveDraft] = {}
+
+        def live_pair() -> dict:
+            held["live"] = live = self.live_draft(prep.cluster)  # read once: draft and version travel together
+            return {"draft": live.draft, "draft_version": live.version}
+
+        request_id = prep.request_id.split("-", 1)[1]  # the id ties the record to the response
+        if score_only or logprobs is not None or prompt_logprobs:
+            def alone() -> Generation:
+                pair = live_pair()
+                if score_only:
+                    return self.engine.score(prep.prompt_ids, logprobs)
+                asked = {"logprobs": logprobs, "prompt_logprobs": True} if prompt_logprobs else {"logprobs": logprobs}
+                return self.engine.generate(prep.prompt_ids, prep.params, cluster=prep.cluster, on_tokens=on_tokens,
+                                            request_id=request_id, **pair, **asked)
+            gen = self.batch_loop.call(alone).result()  # type: ignore[union-attr]
+        else:
+            gen = self.batch_loop.submit(on_tokens, cancel, live_pair, prompt_ids=prep.prompt_ids,  # type: ignore[union-attr]
+                                         params=prep.params, cluster=prep.cluster, request_id=request_id).result()
+        return gen, held["live"]
 
     def osd_stats(self, gen: Generation, cluster: str, live: LiveDraft) -> OsdStats:
         s = gen.stats
@@ -530,6 +578,8 @@ class ServingCore:
 
     def load(self) -> dict:
         """Requests running and waiting here: what a trainer's pause-while-busy policy reads."""
+        if self.batch_loop is not None:
+            return {"running": self.batch_loop.running, "waiting": self.batch_loop.waiting}
         with self._state_lock:
             return {"running": self._running, "waiting": self._waiting}
 

@@ -12,7 +12,7 @@ overhead`). So the replica loads, warms up and generates on this one thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -27,6 +27,10 @@ class EngineThread:
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """fn(*args, **kwargs) on the engine thread; its exception is raised here."""
         return self._pool.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn: Callable[..., T], *args, **kwargs) -> Future[T]:
+        """fn(*args, **kwargs) on the engine thread, without waiting (a BatchLoop's rounds run this way)."""
+        return self._pool.submit(fn, *args, **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
