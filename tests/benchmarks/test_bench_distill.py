@@ -125,3 +125,111 @@ def test_freeze_layers_trains_only_the_layers_above():
     assert changed and all(k.startswith("model.layers.2.") or k == "model.norm.weight" for k in changed)
     with pytest.raises(ValueError, match="names a layer the draft lacks"):
         OnlineDistiller(draft, DistillConfig(freeze_layers=[3]))
+
+
+# --------------------------------------------------------------------------- `osd bench eagle` (bench/eagle_curve.py)
+
+
+def test_sparse_ttt_loss_is_trainers_ttt_loss():
+    """Steps ≥ 2 skip the positions no loss reaches and logits are taken only at teacher rows: same loss, also
+    for prompts much longer than the output (where the steps start late)."""
+    from bench.eagle_curve import ttt_loss_sparse
+    from osd.decoding.eagle import EagleHead, FeatureCapture
+    from trainers.eagle import record_features, ttt_loss
+
+    target = tiny_llama(V, layers=4, seed=0, sharpness=4.0)
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randint(0, V, (n,), generator=g).tolist() for n in (1, 2, 5, 14, 20)]
+    records, _ = collect_records(target, CharTokenizer(), ps, max_tokens=5, progress=False)
+    torch.manual_seed(0)
+    head = EagleHead(target)
+    capture = FeatureCapture(target, head.feature_layers)
+    for rec in records:
+        features = record_features(target, capture, rec)
+        for steps in (1, 3, 4):
+            want, got = ttt_loss(head, rec, features, steps=steps), ttt_loss_sparse(head, rec, features, steps)
+            assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5), (len(rec.prompt_ids), steps)
+
+
+def test_greedy_records_are_the_engines_with_their_features():
+    from bench.eagle_curve import greedy_records
+    from osd.decoding.eagle import FeatureCapture
+    from trainers.eagle import record_features
+
+    target = tiny_llama(V, layers=4, seed=0, sharpness=10.0)
+    ps = prompts(5, 8)
+    want, _ = collect_records(target, CharTokenizer(), ps, max_tokens=7, progress=False)
+    eos = {want[0].output_ids[2]}  # cut one record early
+    got, feats = greedy_records(target, ps, 7, 64, eos, batch_size=3, feature_layers=[1, 2])
+    capture = FeatureCapture(target, [1, 2])
+    for a, b, f in zip(got, want, feats, strict=True):
+        cut = next((i + 1 for i, t in enumerate(b.output_ids) if t in eos), len(b.output_ids))
+        assert a.output_ids == b.output_ids[:cut]
+        torch.testing.assert_close(a.teacher_logsumexp, b.teacher_logsumexp[:cut], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f, record_features(target, capture, a), atol=1e-5, rtol=1e-4)
+
+
+def test_replayed_rounds_count_like_the_engine():
+    from bench.eagle_curve import simulate_rounds
+
+    # one record of 7 rows; ranks[0][s-1][row]: step s's rank of the target's token (row 0 is the prefill's)
+    ranks = [[[0, 1, 0, 0, 0, 0, 0], [0, 0, 3, 0, 0, 0, 0]]]
+    # γ=2 chain: row 1 rejected (0 accepted); from row 2 both (2); from row 5 room for one draft (1) → 1 + 3/3
+    assert simulate_rounds(ranks, [1, 1]) == pytest.approx(2.0)
+    # widths [2, 1]: from row 1 the rank-1 token is in the tree, step 2 misses (1); from row 3 both (2); row 6 has
+    # no room to draft: plain decoding, not a round → 1 + 3/2
+    assert simulate_rounds(ranks, [2, 1]) == pytest.approx(2.5)
+    # a self-draft: one list serves every step; from row 2, four drafts fit (rows 2-5) → 1 + 4/2
+    assert simulate_rounds([ranks[0][:1]], [1, 1, 1, 1]) == pytest.approx(3.0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_eagle_curve_end_to_end(tmp_path, one_thread):
+    from bench.eagle_curve import (
+        EagleCurveSettings,
+        HeldOut,
+        plot_curves,
+        render_markdown,
+        run_eagle_curve,
+    )
+
+    target = tiny_llama(V, layers=4, seed=0, sharpness=10.0)
+    stream, _ = collect_records(target, CharTokenizer(), prompts(10, 11), max_tokens=8, progress=False)
+    held_prompts = {"a": prompts(3, 12), "b": prompts(3, 13)}
+    heldout = {k: HeldOut(collect_records(target, CharTokenizer(), p, max_tokens=8, progress=False)[0], p)
+               for k, p in held_prompts.items()}
+    s = EagleCurveSettings(max_tokens=8, points={"domain": (4, 8), "mixed": (10,)}, eagle_lr=3e-3, offline_epochs=1,
+                           first2_lr=3e-3, update_interval=2, steps_per_update=1, batch_size=4, chain_prompts=1,
+                           e2e_prompts=1, shortlist_size=16, timing_context=32, timing_reps=4)
+    result = run_eagle_curve(target, CharTokenizer(), {"domain": stream[:8], "mixed": stream}, heldout,
+                             {"domain": ["a"], "mixed": ["a", "b"]}, s, progress=False, log=lambda line: None)
+    json.dumps(result, allow_nan=False)
+    for name, n in (("domain", [4, 8]), ("mixed", [10])):
+        c = result["curves"][name]
+        assert [p["records"] for p in c["points"]] == n
+        for p in c["points"]:
+            for draft in ("eagle", "first2_frozen"):
+                for k, h in p[draft]["heldout"].items():
+                    assert 0 <= h["top1"] <= h["top4"] <= 1 and 0 <= h["alpha_hat"] <= 1
+                    assert all(1 <= h["simulated"][m] <= 5 for m in ("chain", "tree"))
+                    assert ("engine" in h) == (k in c["heldout_sets"])
+            assert len(p["eagle"]["heldout"]["a"]["top1_by_step"]) == 4
+        assert {"eagle", "first2_frozen", "eagle+shortlist", "first2_frozen+shortlist"} <= set(c["cost"]["variants"])
+        assert all(v["c"] > 0 for v in c["cost"]["variants"].values()), c["cost"]
+        e2e = c["e2e"]
+        assert e2e["target"]["speedup_vs_target"] == pytest.approx(1.0)
+        assert {"eagle+static_tree", "eagle+dynamic_tree", "first2_frozen+dynamic_tree"} <= set(e2e)
+        assert all(v["same_output"] for v in e2e.values())  # greedy: every engine emits the target's tokens
+        assert c["offline"]["epochs"] == 1 and set(c["offline"]["heldout"]) == {"a", "b"}
+    assert {"top1", "tree_acceptance", "chain_acceptance", "speedup"} <= set(result["aims"])
+    md = render_markdown(result)
+    assert "### domain stream" in md and "### Aims (issue 15)" in md
+    assert plot_curves(result, tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
