@@ -272,7 +272,8 @@ def serve_interleaved(engines: dict[str, SpeculativeEngine], prompts: Sequence[l
     """Every engine serves each prompt in turn (order rotated per prompt), so drift hits all alike.
 
     Per engine: pooled tokens/s (Σ tokens / Σ seconds), α̂ pooled over verified positions, mean
-    acceptance length (1 + accepted / rounds) and whether every output equals the reference's.
+    acceptance length (1 + accepted / rounds), whether every output equals the reference's and, for
+    each that does not, the token where it parts.
     """
     names = list(engines)
     for name in names:  # warm-up
@@ -303,7 +304,12 @@ def serve_interleaved(engines: dict[str, SpeculativeEngine], prompts: Sequence[l
             "target_forwards_per_token": a["target_forwards"] / a["tokens"] if a["tokens"] else None,
         }
         if reference in acc:
-            out[name]["same_output"] = a["outputs"] == acc[reference]["outputs"]
+            ref = acc[reference]["outputs"]
+            out[name]["same_output"] = a["outputs"] == ref
+            # where an output parts from the reference's: greedy bf16 can flip a near-tie
+            out[name]["first_divergence"] = [next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y),
+                                                  min(len(mine), len(theirs)))
+                                             for mine, theirs in zip(a["outputs"], ref, strict=True) if mine != theirs]
     if reference in out:
         base = out[reference]["tokens_per_s"]
         for o in out.values():

@@ -209,7 +209,7 @@ def test_eagle_curve_end_to_end(tmp_path, one_thread):
     s = EagleCurveSettings(max_tokens=8, points={"domain": (4, 8), "mixed": (10,)}, eagle_lr=3e-3, offline_epochs=1,
                            first2_lr=3e-3, update_interval=2, steps_per_update=1, batch_size=4, chain_prompts=1,
                            e2e_prompts=1, shortlist_size=16, timing_context=32, timing_reps=4)
-    result = run_eagle_curve(target, CharTokenizer(), {"domain": stream[:8], "mixed": stream}, heldout,
+    result = run_eagle_curve(target, CharTokenizer(), {"domain": stream, "mixed": stream}, heldout,
                              {"domain": ["a"], "mixed": ["a", "b"]}, s, progress=False, log=lambda line: None)
     json.dumps(result, allow_nan=False)
     for name, n in (("domain", [4, 8]), ("mixed", [10])):
@@ -227,8 +227,10 @@ def test_eagle_curve_end_to_end(tmp_path, one_thread):
         e2e = c["e2e"]
         assert e2e["target"]["speedup_vs_target"] == pytest.approx(1.0)
         assert {"eagle+static_tree", "eagle+dynamic_tree", "first2_frozen+dynamic_tree"} <= set(e2e)
-        assert all(v["same_output"] for v in e2e.values())  # greedy: every engine emits the target's tokens
-        assert c["offline"]["epochs"] == 1 and set(c["offline"]["heldout"]) == {"a", "b"}
+        assert all(v["same_output"] and v["identical_prompts"] == v["prompts"] for v in e2e.values())  # greedy, fp32
+        replay = c["replay_epochs"]["rows"]
+        assert [x["epoch"] for x in replay] == [1] and set(replay[0]["heldout"]) == {"a", "b"}
+        assert ("val_top1" in replay[0]) == (name == "domain")  # the domain stream has records past its last N
     assert {"top1", "tree_acceptance", "chain_acceptance", "speedup"} <= set(result["aims"])
     md = render_markdown(result)
     assert "### domain stream" in md and "### Aims (issue 15)" in md
