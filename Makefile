@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OSD_CACHE_DIR ?= $(CURDIR)/.osd/cache
 
-.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead bench-faults bench-lm-eval bench-eagle fuzz clean
+.PHONY: setup test test-fast run stop generate bench bench-distill bench-drift bench-clusters bench-trees bench-suffix bench-overhead bench-faults bench-lm-eval bench-eagle bench-load fuzz clean
 
 setup: $(STAMP)
 
@@ -73,5 +73,15 @@ bench-lm-eval: setup  ## ~15-40 min on 2 cores: lm-eval local-completions agains
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.lm_eval_compare
 
+GUIDELLM_VENV := .venv-guidellm
+$(GUIDELLM_VENV)/.installed:
+	# guidellm (the vLLM project's load generator) in its own venv: it pins click and datasets of its own.
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install --quiet guidellm==0.8.1 torch==2.13.0
+	touch $@
+
+bench-load: setup $(GUIDELLM_VENV)/.installed  ## ~20-30 min on 2 cores: guidellm at 1,4,8,16 concurrent against the endpoint, batched (speculation on/off) vs one at a time
+	$(VENV)/bin/osd bench load --replica-threads 2 --guidellm $(GUIDELLM_VENV)/bin/guidellm
+
 clean:
-	rm -rf $(VENV) .osd .pytest_cache
+	rm -rf $(VENV) $(GUIDELLM_VENV) .osd .pytest_cache

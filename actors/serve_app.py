@@ -243,13 +243,14 @@ def app_builder(args: dict) -> Application:
 
 
 def deploy(config: dict | OsdAppConfig, name: str = DEFAULT_APP_NAME, host: str = "127.0.0.1", port: int = 8000,
-           timeout_s: float = 300.0) -> DeploymentHandle:
+           timeout_s: float = 300.0, route_prefix: str = "/") -> DeploymentHandle:
     """Start Serve's HTTP proxy on ``host:port`` (loopback unless told otherwise; ignored if Serve
-    already runs), deploy the app at route prefix "/" and wait until it is RUNNING."""
+    already runs), deploy the app at ``route_prefix`` and wait until it is RUNNING. Apps of other
+    names and prefixes can share the proxy (bench load serves several configurations side by side)."""
     if isinstance(config, OsdAppConfig):
         config = config.model_dump(mode="json")
     serve.start(http_options={"host": host, "port": port})
-    handle = serve._run(app_builder(config), _blocking=False, name=name, route_prefix="/")
+    handle = serve._run(app_builder(config), _blocking=False, name=name, route_prefix=route_prefix)
     wait_until_running(name, timeout_s)
     return handle
 

@@ -86,6 +86,10 @@ def cmd_bench(args) -> int:
         from bench.eagle_curve import run_eagle_curve_command
 
         run_eagle_curve_command(args)
+    elif args.which == "load":
+        from bench.load import run_load_bench
+
+        run_load_bench(args)
     return 0
 
 
@@ -128,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/, tables in docs/benchmarks.md)")
     bench.add_argument("which", choices=["spec", "distill", "serve", "drift", "clusters", "trees", "suffix", "overhead",
-                                         "faults", "eagle"],
+                                         "faults", "eagle", "load"],
                        help="spec: does speculation pay here (per dtype: verification curve, HF generate and assisted generation, osd with no, an untrained and a distilled draft, speculation always vs auto); distill: online distillation on one "
                             "Spec-Bench category (draft constructions, held-out before/after, learning curve); serve: "
                             "closed-loop load on the Ray Serve endpoint, static vs online draft, trainer training vs "
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "replica, the trainer and Redis are SIGKILLed, a corrupt draft is published and the "
                             "record backlog overflows, one at a time: requests and records counted; eagle: the eagle head's "
                             "learning curve against first2_frozen on GSM8K and a GSM8K + Spec-Bench mix (held-out "
-                            "top-1, α̂, acceptance length, c, tok/s)")
+                            "top-1, α̂, acceptance length, c, tok/s); load: guidellm at concurrency 1, 4, 8, 16 against "
+                            "the endpoint, continuous batching (speculation on and off) vs one request at a time")
     bench.add_argument("--questions", type=int, default=20, help="Spec-Bench questions, spread across categories")
     bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 96; serve: 48)")
     bench.add_argument("--data", default=None, help="Spec-Bench questions JSONL (default: the vendored copy in osd/data/questions)")
@@ -180,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.eagle_curve import add_bench_eagle_args
 
     add_bench_eagle_args(bench)
+    from bench.load import add_bench_load_args
+
+    add_bench_load_args(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
 

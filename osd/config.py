@@ -156,17 +156,18 @@ class EngineConfig(_Strict):
                                     "(osd/decoding/kv_cache.py); 'dynamic' is transformers' DynamicCache (cat per forward).")
     max_batch: int = Field(
         1, ge=1, le=32, description="Requests a serving replica decodes together (continuous batching, "
-                                    "osd/decoding/batch_engine.py; README). 1 = one request at a time; >1 needs "
-                                    "a chain (tree and suffix null), length_policy 'fixed' and a draft model, not eagle.")
+                                    "osd/decoding/batch_engine.py; README). 1 = one request at a time; >1 drafts "
+                                    "chains (tree null, length_policy 'fixed'; with suffix set, a request proposes "
+                                    "its suffix chain where that beats the draft) and a draft model, not eagle.")
 
     @model_validator(mode="after")
     def _cap_covers_gamma(self) -> "EngineConfig":
         if (self.tree is not None or self.suffix is not None) and self.length_policy != "fixed":
             raise ValueError("a token tree sizes itself (TreeConfig; suffix speculation drafts a tree too); length_policy "
                              "applies to chains only, so keep it 'fixed' or drop tree and suffix")
-        if self.max_batch > 1 and (self.tree is not None or self.suffix is not None or self.length_policy != "fixed"):
-            raise ValueError(f"max_batch={self.max_batch} (continuous batching) batches chain drafts of a fixed length: "
-                             "set tree and suffix to null and length_policy to 'fixed', or max_batch to 1")
+        if self.max_batch > 1 and (self.tree is not None or self.length_policy != "fixed"):
+            raise ValueError(f"max_batch={self.max_batch} (continuous batching) batches chains (the draft's or suffix "
+                             "ones) of a fixed length: set tree to null and length_policy to 'fixed', or max_batch to 1")
         if self.length_policy != "fixed" and self.max_gamma < self.gamma:
             raise ValueError(f"max_gamma ({self.max_gamma}) must be >= gamma ({self.gamma}) for an adaptive "
                              "length_policy")

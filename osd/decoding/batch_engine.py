@@ -7,7 +7,11 @@ request:
      batch size (osd/decoding/batch_cost.py; 0 = plain batched decoding where speculation no longer pays), or the
      configured γ under ``speculation='always'``. Request i drafts γ_i = min(G, what its max_tokens leaves).
   2. Each draft proposes for its requests in one forward per draft step (requests on different drafts — clusters,
-     a hot swap mid-request — form one group per draft object, each with its own batched KV cache).
+     a hot swap mid-request — form one group per draft object, each with its own batched KV cache). With
+     ``engine.suffix`` a request may instead propose a chain from its suffix indexes (its own text and recent
+     traffic, osd/decoding/suffix.py: free to draft, verified as point masses), where that chain's calibrated
+     expectation beats the draft's; how long such chains may be is chosen from the same cost table, since every
+     row pays for the widest.
   3. One target forward verifies every request's ``[pending, d1..dγ_i]``, rows padded to the widest, with a mask
      that keeps each row inside its own slot's cache (osd/decoding/batch_cache.py).
   4. Per request, exactly the one-request engine's rule and bookkeeping: verify_greedy / verify_sampled with the
@@ -53,7 +57,9 @@ from osd.decoding.engine import (
     SpeculativeEngine,
     Teacher,
 )
+from osd.decoding.governor import expected_tokens
 from osd.decoding.sampling import warp_probs
+from osd.decoding.suffix import Candidate, SuffixProposer
 from osd.decoding.verification import Verdict, overlap, verify_greedy, verify_sampled
 from osd.models.drafts import DraftModel
 
@@ -96,6 +102,8 @@ class _Request:
     rejected: int = 0
     gamma: int = 0  # this round's draft length
     proposal: Proposal | None = None  # this round's proposals
+    suffix: SuffixProposer | None = None  # its suffix lookups (engine.suffix set)
+    chain: list[Candidate] = field(default_factory=list)  # this round's suffix chain, when it proposes from one
 
     @property
     def output_len(self) -> int:
@@ -122,9 +130,9 @@ class BatchEngine:
     def __init__(self, engine: SpeculativeEngine, max_batch: int = 8, costs: BatchCosts | None = None,
                  measure: bool = True):
         config = engine.config
-        if config.tree is not None or config.suffix is not None or config.length_policy != "fixed":
-            raise ValueError("BatchEngine batches chain drafts of a fixed length cap; set engine.tree and engine.suffix "
-                             "to null and length_policy to 'fixed', or serve with the one-request engine")
+        if config.tree is not None or config.length_policy != "fixed":
+            raise ValueError("BatchEngine batches chains (the draft's, or suffix ones) of a fixed length cap; set "
+                             "engine.tree to null and length_policy to 'fixed', or serve with the one-request engine")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
@@ -133,13 +141,17 @@ class BatchEngine:
         self.max_batch = max_batch
         self.device = engine.device
         self.cap = config.round_cap
+        # a suffix chain costs no draft forward, so it may run deeper than γ (the cost table decides how deep)
+        self.width_cap = max(self.cap, config.suffix.max_depth) if config.suffix is not None else self.cap
+        self.suffix_calibrations: dict = {}  # (index, match length) → calibration, across requests (as the tree engine)
         self.cache = BatchKVCache(self.target.config, slots=max_batch, capacity=64)  # buffers appear at the first write
         self._slots: list[_Request] = []  # index = target slot
         self._by_id: dict[str, _Request] = {}
         self._groups: dict[int, _DraftGroup] = {}  # id(draft) → its group (only while it has requests or is live)
         self._plain_streak = 0
         self._probe_every = PROBE_EVERY
-        if costs is None and measure and config.speculation == "auto" and engine.draft is not None:
+        if costs is None and measure and config.speculation == "auto" and (engine.draft is not None or
+                                                                           config.suffix is not None):
             costs = self.measure_costs()
         self.costs = costs
 
@@ -159,7 +171,7 @@ class BatchEngine:
         another shape is costed as this one."""
         draft = self.engine.draft if draft is LIVE_DRAFT else draft
         sizes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < self.max_batch} | {self.max_batch})
-        widths = sorted({1, 2, 3, (self.cap + 2) // 2, self.cap + 1})
+        widths = sorted({1, 2, 3, (self.cap + 2) // 2, self.cap + 1, self.width_cap + 1})
         return measure_batch_costs(self.target, draft, sizes, widths, **kwargs)
 
     @torch.inference_mode()
@@ -180,10 +192,14 @@ class BatchEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ())))
         start = time.perf_counter()
+        stats = SpecStats(accepted_per_position=[0] * self.width_cap, prompt_tokens=len(prompt_ids))
         request = _Request(request_id, list(prompt_ids), params, generator, draft, cluster, draft_version, on_tokens,
-                           self.engine._new_stats(len(prompt_ids)), Teacher(self.config.teacher_top_k), start,
-                           slot=len(self._slots), tokens=list(prompt_ids))
-        capacity = len(prompt_ids) + params.max_tokens + self.cap + 1  # the request, plus one round's speculative rows
+                           stats, Teacher(self.config.teacher_top_k), start, slot=len(self._slots),
+                           tokens=list(prompt_ids))
+        if self.config.suffix is not None:
+            traffic = self.engine.traffic.get(cluster) if self.engine.traffic is not None else None
+            request.suffix = SuffixProposer(self.config.suffix, prompt_ids, traffic, self.suffix_calibrations)
+        capacity = len(prompt_ids) + params.max_tokens + self.width_cap + 1  # the request, plus one round's rows
         self._prune_groups()  # the live draft may have been swapped since the last request
         group = self._group(draft, capacity) if draft is not None else None  # first: it refuses drafts it cannot batch
         self.cache.reserve(self.max_batch, capacity)
@@ -253,9 +269,17 @@ class BatchEngine:
             room = request.params.max_tokens - request.output_len - 1  # draft tokens that can still be used
             request.gamma = min(g, room) if request.draft is not None else 0
             request.proposal = None
+            request.chain = suffix_chain(request.suffix.candidates(request.tokens, min(self.width_cap, room))) \
+                if request.suffix is not None and room > 0 else []
+        self._choose_chains(g)
         for group in self._groups.values():
             if any(r.gamma for r in group.members):
                 self._propose(group)
+        for request in self._slots:
+            if request.chain:  # point masses: a deterministic proposal's q is all on its token
+                tokens = torch.tensor([c.path[-1] for c in request.chain], device=self.device)
+                probs = torch.nn.functional.one_hot(tokens, int(self.target.config.vocab_size)).float()
+                request.proposal, request.gamma = Proposal(tokens, probs), len(request.chain)
         rows = [[r.tokens[-1], *(r.proposal.tokens.tolist() if r.proposal is not None else [])] for r in self._slots]
         logits = target_forward(self.target, self.cache, 0, rows)  # [n, S, V]
         finished = []
@@ -272,6 +296,14 @@ class BatchEngine:
             self._release(request)
         return out
 
+    def _alphas(self) -> list[float | None]:
+        """Each active request's acceptance estimate for its draft (None: no draft)."""
+        out = []
+        for r in self._slots:
+            group = self._groups[id(r.draft)] if r.draft is not None else None
+            out.append(None if group is None else blended_alpha(group.acceptance.alpha, r.accepted, r.rejected))
+        return out
+
     def _draft_length(self) -> int:
         """G for this round: γ under 'always'; under 'auto' the cost model's pick, probing now and then."""
         drafting = [r for r in self._slots if r.draft is not None]
@@ -281,13 +313,9 @@ class BatchEngine:
             return self.cap
         if self.costs is None:  # not measured at start (no draft then, or measure=False)
             self.costs = self.measure_costs(drafting[0].draft)
-        alphas, rooms = [], []
-        for r in self._slots:
-            group = self._groups[id(r.draft)] if r.draft is not None else None
-            alphas.append(None if group is None else blended_alpha(group.acceptance.alpha, r.accepted, r.rejected))
-            rooms.append(r.params.max_tokens - r.output_len - 1)
+        rooms = [r.params.max_tokens - r.output_len - 1 for r in self._slots]
         draft_rows = [len(group.members) for group in self._groups.values() if group.members]
-        best = choose_draft_length(alphas, rooms, self.cap, self.costs, draft_rows)
+        best = choose_draft_length(self._alphas(), rooms, self.cap, self.costs, draft_rows)
         if best:
             self._plain_streak, self._probe_every = 0, PROBE_EVERY
             return best
@@ -296,6 +324,38 @@ class BatchEngine:
             self._plain_streak, self._probe_every = 0, min(2 * self._probe_every, MAX_PROBE_EVERY)
             return 1
         return 0
+
+    def _choose_chains(self, g: int) -> None:
+        """Which requests propose their suffix chain this round instead of drafting, and how deep chains go.
+
+        A request takes its chain (cut to depth W) where the chain's expected tokens, 1 + Σ of its calibrated path
+        scores, beat its draft's at γ_i; W maximises the batch's expected tokens per ms (every row pays for the
+        widest; the draft steps only if some request still drafts). Under 'always', W is as deep as chains go."""
+        if not any(r.chain for r in self._slots):
+            return
+        if self.costs is None and self.config.speculation == "auto":  # not measured at start (measure=False)
+            self.costs = self.measure_costs()
+        alphas = self._alphas()
+        drafted = [expected_tokens(a, r.gamma) if a is not None and r.gamma else 1.0 for a, r in zip(alphas, self._slots)]
+
+        def plan(depth: int) -> tuple[float, list[bool]]:
+            use = [bool(r.chain[:depth]) and 1.0 + sum(c.score for c in r.chain[:depth]) > e
+                   for r, e in zip(self._slots, drafted)]
+            tokens = sum(1.0 + sum(c.score for c in r.chain[:depth]) if u else e
+                         for r, u, e in zip(self._slots, use, drafted))
+            width = max([min(depth, len(r.chain)) if u else r.gamma for r, u in zip(self._slots, use)], default=0)
+            steps = max([r.gamma for r, u in zip(self._slots, use) if not u], default=0)
+            if self.costs is None:  # speculation 'always': no cost table
+                return tokens, use
+            draft_ms = sum(self.costs.draft(len(gr.members)) for gr in self._groups.values() if gr.members)
+            return tokens / (self.costs.verify(len(self._slots), width + 1) + steps * draft_ms), use
+
+        depth = self.width_cap if self.costs is None else max(range(self.width_cap + 1), key=lambda d: plan(d)[0])
+        for r, use in zip(self._slots, plan(depth)[1]):
+            if use:
+                r.chain, r.gamma = r.chain[:depth], 0  # sits this round out of its draft's forwards
+            else:
+                r.chain = []
 
     def _propose(self, group: _DraftGroup) -> None:
         """Every member drafts its γ tokens: one draft forward over the group per step. The first step also catches
@@ -326,10 +386,14 @@ class BatchEngine:
 
     def _accept(self, request: _Request, logits: torch.Tensor) -> list[int]:
         """logits: [γ + 1, V] the request's verification rows → the newly committed tokens; caches cropped."""
+        from_suffix = bool(request.chain)
         new_tokens, verdict = judge(request.proposal, logits, request.params, request.generator,
-                                    request.teacher if self.config.record else None, request.stats)
+                                    request.teacher if self.config.record else None, request.stats, from_suffix)
         proposed = request.gamma
-        if proposed:
+        if from_suffix:  # calibrates the next chains; the draft's estimate and record rounds are the draft's own
+            tried = min(verdict.num_accepted + 1, proposed)  # a node is tried once its parent was accepted
+            request.suffix.observe([(c, d < verdict.num_accepted) for d, c in enumerate(request.chain[:tried])])
+        elif proposed:
             request.rounds.append(DraftRound(request.output_len, request.proposal.tokens.tolist(), verdict.num_accepted))
             self._groups[id(request.draft)].acceptance.observe(proposed, verdict.num_accepted)
             request.accepted += verdict.num_accepted
@@ -345,6 +409,8 @@ class BatchEngine:
     def _finish(self, request: _Request) -> Generation:
         """The request's Generation, exactly as SpeculativeEngine.generate builds it."""
         output_ids, text, finish = self.engine._finalize(request.tokens[len(request.prompt_ids):], request.params)
+        if self.engine.traffic is not None and self.config.suffix.traffic:  # later requests can match this one
+            self.engine.traffic.add(request.prompt_ids, output_ids, request.cluster, request.id)
         stats = request.stats
         stats.output_tokens = len(output_ids)
         stats.elapsed_s = time.perf_counter() - request.started
@@ -372,10 +438,26 @@ class BatchEngine:
         return [done[i] for i in ids]
 
 
+def suffix_chain(candidates: list[Candidate]) -> list[Candidate]:
+    """The likeliest path through the suffix trie: from the root, the best-scored child at each depth. candidates:
+    SuffixProposer.candidates (parents before children; a score is P(the whole path is accepted))."""
+    by_parent: dict[tuple[int, ...], Candidate] = {}
+    for c in candidates:
+        best = by_parent.get(c.path[:-1])
+        if best is None or c.score > best.score:
+            by_parent[c.path[:-1]] = c
+    chain, path = [], ()
+    while path in by_parent:
+        chain.append(by_parent[path])
+        path = by_parent[path].path
+    return chain
+
+
 def judge(proposal: Proposal | None, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-          teacher: Teacher | None, stats: SpecStats) -> tuple[list[int], Verdict]:
+          teacher: Teacher | None, stats: SpecStats, from_suffix: bool = False) -> tuple[list[int], Verdict]:
     """One request's verdict on its round: SpeculativeEngine._verify_round after the forward, the same draws in the
-    same order (so a seed gives the same tokens). logits: [γ + 1, V] raw target logits at [pending, d1..dγ]."""
+    same order (so a seed gives the same tokens). logits: [γ + 1, V] raw target logits at [pending, d1..dγ].
+    ``from_suffix``: the proposal is a suffix chain (point masses): counted apart, and not in the draft's α̂."""
     device = logits.device
     drafted = proposal.tokens if proposal is not None else torch.empty(0, dtype=torch.long, device=device)
     gamma = drafted.shape[0]
@@ -397,7 +479,10 @@ def judge(proposal: Proposal | None, logits: torch.Tensor, params: SamplingParam
         stats.accepted += n
         for i in range(n):
             stats.accepted_per_position[i] += 1
-        verified = min(n + 1, gamma)  # positions whose context is committed
-        stats.beta_sum += float(overlap(target_probs[:verified], proposal.probs[:verified]).sum())
-        stats.beta_count += verified
+        if from_suffix:
+            stats.accepted_suffix += n
+        else:
+            verified = min(n + 1, gamma)  # positions whose context is committed
+            stats.beta_sum += float(overlap(target_probs[:verified], proposal.probs[:verified]).sum())
+            stats.beta_count += verified
     return [*drafted[:n].tolist(), verdict.next_token], verdict

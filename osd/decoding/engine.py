@@ -46,6 +46,7 @@ class SpecStats:
     target_forwards: int = 0  # decode forwards, prefill excluded
     beta_sum: float = 0.0  # Σ over verified positions of Σ_x min(p, q)
     beta_count: int = 0
+    accepted_suffix: int = 0  # of accepted, tokens a suffix chain proposed (batched rounds; not in β)
     prompt_tokens: int = 0
     output_tokens: int = 0
     elapsed_s: float = 0.0  # wall time, less analysis_s
@@ -63,8 +64,9 @@ class SpecStats:
         return self.beta_sum / self.beta_count if self.beta_count else None
 
     def accepted_by_source(self) -> dict[str, int]:
-        """Accepted tokens by who proposed them; a chain's proposals are all the draft's (TreeStats splits them)."""
-        return {"draft": self.accepted, "suffix": 0, "both": 0}
+        """Accepted tokens by who proposed them: a chain is the draft's, or a suffix chain (the batch engine's);
+        TreeStats splits a fused tree's."""
+        return {"draft": self.accepted - self.accepted_suffix, "suffix": self.accepted_suffix, "both": 0}
 
     @property
     def tokens_per_second(self) -> float:
@@ -431,8 +433,8 @@ def build_engine(models: ModelConfig | None = None, engine: EngineConfig | None 
         shortlist = load_shortlist(models.shortlist) if models.shortlist else None
         draft = build_draft(target, models.draft, models.draft_layers, shortlist, models.eagle_layers)
     chain = SpeculativeEngine(target, tokenizer, draft, engine)
-    if chain.config.tree is None and chain.config.suffix is None:
-        return chain
+    if chain.config.max_batch > 1 or (chain.config.tree is None and chain.config.suffix is None):
+        return chain  # a batch drafts chains, suffix ones included (osd/decoding/batch_engine.py)
     from osd.decoding.tree_engine import TreeSpeculativeEngine  # it builds on this module
 
     return TreeSpeculativeEngine.from_engine(chain, chain.config.tree)  # measures the cost curve if it needs it

@@ -381,7 +381,7 @@ class OsdStats(BaseModel):
     mean_acceptance_length: float = Field(description="1 + accepted / rounds (vLLM's convention).")
     alpha_hat: float | None = Field(description="Mean Σ min(p, q) over verified positions; None without a draft.")
     target_forwards: int = Field(description="Target decode forwards (prefill excluded).")
-    accepted_by_source: dict[str, int] = Field(description="Accepted tokens by who proposed them: 'draft' only, 'suffix' only (suffix speculation's indexes) or 'both'; they sum to accepted (a chain: all 'draft').")
+    accepted_by_source: dict[str, int] = Field(description="Accepted tokens by who proposed them: 'draft' only, 'suffix' only (suffix speculation's indexes) or 'both'; they sum to accepted (a draft's chain: all 'draft'; a batched suffix chain: all 'suffix').")
     suffix: bool = Field(description="Whether suffix speculation is on: candidates from the request's own text and its cluster's recent traffic join the draft's.")
     dtype: str = Field(description="Weights dtype the target ran in, e.g. 'bfloat16' (ModelConfig.dtype 'auto' resolved).")
 

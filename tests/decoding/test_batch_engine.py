@@ -276,3 +276,75 @@ def test_smollm2_batch_equals_the_one_request_engine(smollm2):
     for request, out in zip(requests, outs):
         alone = engine.generate(**request)
         assert out.output_ids == alone.output_ids and out.stats.accepted == alone.stats.accepted
+
+
+# ---- suffix chains in the batch ---------------------------------------------------------------------------
+
+
+LIVE = object()  # a request without "draft": the engine's live draft
+
+
+def _suffix_engine(target, draft, **config) -> SpeculativeEngine:
+    from osd.config import SuffixConfig
+
+    return _engine(target, draft, suffix=SuffixConfig(max_depth=6), **config)
+
+
+def test_suffix_chains_are_greedy_lossless_and_do_the_drafting_on_repeats():
+    """Repetitive prompts (their own text predicts the output) and a repeated request (the traffic index has it):
+    suffix chains carry most accepted tokens, and every output is HF greedy's, with or without a draft."""
+    target = tiny_llama(vocab=26, sharpness=3.0)
+    engine = _suffix_engine(target, noisy_copy(target, 0.6))
+    prompts = [[4, 2, 7] * 4, [5, 5, 1, 9] * 3, [3, 1, 4, 1, 5]]
+    requests = [{"prompt_ids": p, "params": SamplingParams(max_tokens=24), "draft": d}
+                for p in prompts for d in (LIVE, None)]
+    requests = [{k: v for k, v in r.items() if v is not LIVE} for r in requests]
+    batch = BatchEngine(engine, max_batch=4)
+    first = batch.generate_many(requests)
+    again = batch.generate_many(requests[:2])  # now in the traffic index
+    for r, out in zip(requests + requests[:2], first + again):
+        assert out.output_ids == hf_greedy(target, r["prompt_ids"], 24)
+    by_source = [o.stats.accepted_by_source() for o in first + again]
+    assert sum(s["suffix"] for s in by_source) > sum(s["draft"] for s in by_source) > 0
+    assert min(o.stats.accepted_suffix for o in again) >= 20  # a repeat: nearly all of it from the traffic index
+    assert all(o.stats.alpha_hat is None and o.record.rounds == []  # α̂ and record rounds are the draft's alone
+               for r, o in zip(requests, first) if "draft" in r)
+
+
+def test_sampled_sequences_follow_the_target_through_suffix_chains():
+    """Point-mass proposals, accepted or rejected by the target's draws: every finished request joins the traffic
+    index, so later requests with the same prompt are proposed earlier samples' outputs. The outputs are distributed
+    as the target's (chi-square), while the chains are really proposed and really rejected."""
+    target = tiny_llama(vocab=VOCAB, sharpness=4.0)
+    prompt = [1, 2]
+    params = {"max_tokens": 4, "temperature": 1.3, "top_p": 0.6}
+    from osd.config import SuffixConfig
+
+    engine = _engine(target, None, suffix=SuffixConfig(max_depth=4), record=False)
+    requests = [{"prompt_ids": prompt, "params": SamplingParams(seed=seed, **params)} for seed in range(SAMPLES)]
+    outs = BatchEngine(engine, max_batch=32).generate_many(requests)
+    counts = {}
+    for out in outs:
+        counts[tuple(out.output_ids)] = counts.get(tuple(out.output_ids), 0) + 1
+    assert_distributed_as_target(counts, SAMPLES, target, noisy_copy(target, noise=1.0).model, prompt,
+                                 SamplingParams(**params))
+    proposed, accepted = sum(o.stats.proposed for o in outs), sum(o.stats.accepted_suffix for o in outs)
+    assert 0 < accepted < proposed, "both accept and reject paths must be exercised"
+
+
+def test_suffix_chain_depth_follows_the_cost_table():
+    """Under 'auto' a chain is cut where a wider verification costs more than its expected tokens bring."""
+    target = tiny_llama(vocab=26, sharpness=3.0)
+    prompt = [4, 2, 7] * 5
+
+    def served(verify_ms):
+        engine = _suffix_engine(target, None, speculation="auto")
+        batch = BatchEngine(engine, max_batch=2, costs=BatchCosts(verify_ms), measure=False)
+        out = batch.generate_many([{"prompt_ids": prompt, "params": SamplingParams(max_tokens=20)}])[0]
+        assert out.output_ids == hf_greedy(target, prompt, 20)
+        return out.stats
+
+    flat = served({n: {1: 10.0, 7: 10.5} for n in (1, 2)})  # width nearly free: chains run deep
+    steep = served({n: {1: 10.0, 7: 100.0} for n in (1, 2)})  # each extra row costs 1.5 forwards: no chains
+    assert flat.accepted_suffix > 0 and flat.target_forwards < 20
+    assert steep.proposed == 0 and steep.target_forwards == 20

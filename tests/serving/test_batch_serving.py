@@ -173,10 +173,11 @@ def test_logprobs_and_scoring_run_alone_between_rounds(models):
 
 
 def test_config_refuses_what_batching_cannot_serve(models):
-    for bad in ({"tree": TreeConfig()}, {"suffix": {}}, {"length_policy": "schedule"}):
+    for bad in ({"tree": TreeConfig()}, {"length_policy": "schedule"}):
         with pytest.raises(ValidationError, match="max_batch"):
             EngineConfig(max_batch=4, **bad)
     EngineConfig(max_batch=1, tree=TreeConfig())  # one at a time: anything goes
+    EngineConfig(max_batch=4, suffix={})  # suffix chains are batched
     with pytest.raises(ValidationError, match="eagle"):
         OsdAppConfig.model_validate({"models": {"draft": "eagle"}, "engine": {"suffix": None, "max_batch": 4}})
     app = OsdAppConfig.model_validate({"engine": {"suffix": None, "max_batch": 24}, "max_ongoing_requests": 16})
@@ -218,3 +219,20 @@ def test_batch_loop_keeps_a_failure_to_its_request(models):
         loop.submit(None, prompt_ids=[5], params=params).result(timeout=20)
     loop.batch.step = step
     assert loop.batch.active == 0 and loop.submit(None, prompt_ids=[5], params=params).result(timeout=20).output_ids
+
+
+def test_suffix_chains_serve_greedy_requests_losslessly_and_learn_from_traffic(models):
+    """engine.suffix with max_batch > 1: the replica's BatchEngine proposes suffix chains; a repeated prompt is served
+    from the traffic index, token for token the target's greedy output."""
+    from osd.config import SuffixConfig
+
+    core, records = _core(models, max_batch=4, suffix=SuffixConfig())
+    target = models[0]
+    req = {"model": MODEL, "prompt": "the cat sat on", "max_tokens": 24, "temperature": 0}
+    with ThreadPoolExecutor(3) as pool:
+        first = list(pool.map(core.complete, [req, req | {"prompt": "abc"}, req | {"prompt": "zzz"}]))
+    again = core.complete(req)
+    prompt_ids = core.encode_prompt(req["prompt"])
+    for out in (first[0], again):
+        assert records.by_id(out["id"]).output_ids == hf_greedy(target, prompt_ids, 24)
+    assert again["osd"]["accepted_by_source"]["suffix"] >= 20  # the whole answer, from the first request's
