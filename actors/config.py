@@ -36,9 +36,10 @@ class OsdAppConfig(_Strict):
     models: ModelConfig = Field(default_factory=ModelConfig, description="Target and draft to load (models.torch_threads is overridden by replica_torch_threads / trainer.torch_threads).")
     engine: EngineConfig = Field(
         default_factory=lambda: EngineConfig(suffix=SuffixConfig()),
-        description="Speculative decoding knobs. The service default fuses suffix speculation with the draft in one "
-                    "tree (what `osd bench suffix` measured fastest); suffix: null gives the chain with speculation "
-                    "'auto'.")
+        description="Speculative decoding knobs. This default serves one request at a time and fuses suffix "
+                    "speculation with the draft in one tree (what `osd bench suffix` measured fastest one at a time); "
+                    "deploy/serve_config.yaml (`make run`) adds max_batch 16, continuous batching with suffix and "
+                    "draft chains (what `osd bench load` measured fastest under concurrent load).")
     redis_url: str | None = Field(None, description=f"redis://host:port/db of the record buffer (and, with registry None, of the draft registry); None = ${REDIS_URL_ENV} in each replica's and the trainer's environment (keeps a password out of the Serve config). One of them is required: replicas are many processes and cannot each start an embedded Redis, so deploy/up.sh starts one and passes its URL.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Record buffer settings; its redis_url is taken from redis_url.")
     registry: RegistryConfig | None = Field(None, description="Draft registry; None = backend 'redis' on redis_url (every node of a Ray cluster reaches it). A file registry needs a path all replicas share.")

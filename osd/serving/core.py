@@ -141,7 +141,7 @@ class ServingCore:
         self.model_name = model_name
         self.dtype = str(engine.target.dtype).removeprefix("torch.")  # what /health and each response's osd report
         # Suffix speculation: only the tree engine merges suffix candidates (build_engine picks it for config.suffix).
-        self.suffix = engine.config.suffix is not None and isinstance(engine, TreeSpeculativeEngine)
+        self.suffix = engine.config.suffix is not None  # fused trees one at a time, chains in a batch
         self.recorder = recorder
         self.registry = registry
         # Undoing a swap needs the registry: without one there is nothing to roll back to.
@@ -589,7 +589,7 @@ class ServingCore:
         drafts = {c: d.version for c, d in pairs.items()}
         # Per cluster draft: does speculation pay here, or is it backed off? A chain's governor estimates; a fused
         # tree's DraftGain (what the draft adds next to suffix candidates; absent before the draft's first request).
-        if self.suffix:
+        if self.suffix and isinstance(self.engine, TreeSpeculativeEngine):
             mode = "fused"
             estimates = {c: g.describe() for c, d in pairs.items()
                          if d.draft is not None and (g := self.engine.draft_gain(d.draft)) is not None}
