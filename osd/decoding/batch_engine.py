@@ -66,6 +66,7 @@ from osd.models.drafts import DraftModel
 # Under 'auto', plain rounds between two probing ones (one draft token per request), so a draft that started paying
 # is noticed; the gap doubles after each probe that changes nothing, up to the max (a probe costs a draft catch-up).
 PROBE_EVERY, MAX_PROBE_EVERY = 16, 128
+CHAIN_MARGIN = 0.03  # suffix chains must beat the round without them by this much in expected tokens per ms
 SOLO_CATCH_UP = 64  # a draft lag longer than this (a new prompt) is fed in a forward of its own, not padded into all
 
 
@@ -350,7 +351,11 @@ class BatchEngine:
             draft_ms = sum(self.costs.draft(len(gr.members)) for gr in self._groups.values() if gr.members)
             return tokens / (self.costs.verify(len(self._slots), width + 1) + steps * draft_ms), use
 
-        depth = self.width_cap if self.costs is None else max(range(self.width_cap + 1), key=lambda d: plan(d)[0])
+        if self.costs is None:
+            depth = self.width_cap
+        else:  # chains must beat the round without them by a margin (noise in the costs, as choose_draft_length)
+            rates = {d: plan(d)[0] * (1.0 + CHAIN_MARGIN if d == 0 else 1.0) for d in range(self.width_cap + 1)}
+            depth = max(rates, key=rates.__getitem__)
         for r, use in zip(self._slots, plan(depth)[1]):
             if use:
                 r.chain, r.gamma = r.chain[:depth], 0  # sits this round out of its draft's forwards
