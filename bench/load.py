@@ -117,7 +117,7 @@ def deployed_modes(args: argparse.Namespace, modes: Sequence[str], max_clients: 
     from ray import serve
 
     from actors.serve_app import deploy
-    from bench.serve import _free_port
+    from bench.serve import free_port
     from osd.data.redis_server import EmbeddedRedis
 
     redis = EmbeddedRedis().start()
@@ -127,7 +127,7 @@ def deployed_modes(args: argparse.Namespace, modes: Sequence[str], max_clients: 
         ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
                  namespace="osd-bench-load", log_to_driver=False)
         ray_started = True
-        port = _free_port()
+        port = free_port()
         urls, info = {}, {"deploy_s": {}, "apps": {}}
         for i, mode in enumerate(modes):
             db_url = redis.url.rsplit("/", 1)[0] + f"/{i}"

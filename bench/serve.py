@@ -375,7 +375,8 @@ def slowdowns(phases: Sequence[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- the deployment
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -432,7 +433,7 @@ def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[
         ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
                  namespace="osd-bench", log_to_driver=False)
         ray_started = True
-        port = _free_port()
+        port = free_port()
         say(f"Ray started ({RAY_CPUS} CPUs); deploying the osd app (target {args.target}, draft {args.draft}) "
             f"on 127.0.0.1:{port} ...")
         t1 = time.perf_counter()
