@@ -277,10 +277,9 @@ class BatchEngine:
             if any(r.gamma for r in group.members):
                 self._propose(group)
         for request in self._slots:
-            if request.chain:  # point masses: a deterministic proposal's q is all on its token
-                tokens = torch.tensor([c.path[-1] for c in request.chain], device=self.device)
-                probs = torch.nn.functional.one_hot(tokens, int(self.target.config.vocab_size)).float()
-                request.proposal, request.gamma = Proposal(tokens, probs), len(request.chain)
+            if request.chain:
+                request.proposal = self._chain_proposal(request)
+                request.gamma = len(request.chain)
         rows = [[r.tokens[-1], *(r.proposal.tokens.tolist() if r.proposal is not None else [])] for r in self._slots]
         logits = target_forward(self.target, self.cache, 0, rows)  # [n, S, V]
         finished = []
@@ -296,6 +295,16 @@ class BatchEngine:
             out.finished[request.id] = self._finish(request)
             self._release(request)
         return out
+
+    def _chain_proposal(self, request: _Request) -> Proposal:
+        """A suffix chain as a Proposal. Its q is a point mass on each token; only sampled verification reads it
+        (greedy compares tokens, and a chain has no α̂), so a greedy request gets an empty [γ, 0] in its place
+        rather than γ rows of vocabulary size (tens of MB a round across a batch)."""
+        tokens = torch.tensor([c.path[-1] for c in request.chain], device=self.device)
+        if request.params.greedy:
+            return Proposal(tokens, torch.empty(len(tokens), 0, device=self.device))
+        probs = torch.zeros(len(tokens), int(self.target.config.vocab_size), device=self.device)
+        return Proposal(tokens, probs.scatter_(1, tokens[:, None], 1.0))
 
     def _alphas(self) -> list[float | None]:
         """Each active request's acceptance estimate for its draft (None: no draft)."""
@@ -469,7 +478,7 @@ def judge(proposal: Proposal | None, logits: torch.Tensor, params: SamplingParam
     stats.target_forwards += 1
     if params.greedy:
         verdict = verify_greedy(drafted, logits.argmax(-1))
-        target_probs = logits[:gamma].softmax(-1)  # temperature-1 p, for α̂ only
+        target_probs = None if from_suffix else logits[:gamma].softmax(-1)  # temperature-1 p, for α̂ only
     else:
         target_probs = warp_probs(logits, params)
         uniforms = torch.rand(gamma, generator=generator, device=device)

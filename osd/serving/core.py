@@ -140,8 +140,10 @@ class ServingCore:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.dtype = str(engine.target.dtype).removeprefix("torch.")  # what /health and each response's osd report
-        # Suffix speculation: only the tree engine merges suffix candidates (build_engine picks it for config.suffix).
-        self.suffix = engine.config.suffix is not None  # fused trees one at a time, chains in a batch
+        # Suffix speculation: fused into trees one at a time (build_engine picks the tree engine for config.suffix),
+        # proposed as chains in a batch (the BatchEngine, max_batch > 1).
+        self.suffix = engine.config.suffix is not None and (isinstance(engine, TreeSpeculativeEngine)
+                                                            or engine.config.max_batch > 1)
         self.recorder = recorder
         self.registry = registry
         # Undoing a swap needs the registry: without one there is nothing to roll back to.
