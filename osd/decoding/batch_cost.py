@@ -149,3 +149,51 @@ class AcceptanceEstimate:
 def blended_alpha(draft_alpha: float, accepted: int, rejected: int, weight: float = 8.0) -> float:
     """A request's own acceptance, shrunk toward its draft's: the draft's estimate counts as `weight` trials."""
     return (accepted + weight * draft_alpha) / (accepted + rejected + weight)
+
+
+class ChainPayoff:
+    """Do suffix chains pay in a batch of this size? Measured, not predicted: committed tokens per ms of the rounds
+    that carried chains and of those that did not, per batch-size bucket (1, 2-3, 4-7, 8-15, 16+), each an average
+    that forgets old rounds exponentially.
+
+    The cost table and the chains' calibrated scores decide each round's chains; this is the check on that decision
+    as a whole. Chain widths cost every row of the batch, and on a CPU a wide batched forward costs more than the
+    table measured with short contexts (bench load: predicted gains, actual losses of 7-12% at 4-16 requests). Where
+    rounds with chains commit fewer tokens per ms than rounds without, chains are held back; every ``probe_every``-th
+    round goes the other way, so both rates stay measured and a change (traffic that repeats, a warmer index) is seen.
+    """
+
+    def __init__(self, memory: float = 32.0, min_rounds: int = 8, probe_every: int = 16):
+        self.keep = 1.0 - 1.0 / memory
+        self.min_rounds, self.probe_every = min_rounds, probe_every
+        self._rate: dict[tuple[int, bool], list[float]] = {}  # (bucket, chains) → [Σ tokens, Σ ms, rounds], decayed
+        self._since_probe: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return min(rows, 16).bit_length()
+
+    def rate(self, rows: int, chains: bool) -> float | None:
+        """Committed tokens per ms of rounds with (or without) chains at this batch size; None until measured."""
+        tokens, ms, rounds = self._rate.get((self.bucket(rows), chains), (0.0, 0.0, 0))
+        return tokens / ms if rounds >= self.min_rounds and ms > 0 else None
+
+    def allow(self, rows: int) -> bool:
+        """May this round carry chains? First measure both (rounds with chains, then rounds without, min_rounds
+        each); then yes where chains measure at least as fast, but for a probe the other way every probe_every-th
+        round."""
+        b = self.bucket(rows)
+        on, off = self.rate(rows, True), self.rate(rows, False)
+        if on is None or off is None:
+            return on is None
+        self._since_probe[b] = self._since_probe.get(b, 0) + 1
+        probe = self._since_probe[b] >= self.probe_every
+        if probe:
+            self._since_probe[b] = 0
+        return (on >= off) != probe
+
+    def observe(self, rows: int, chains: bool, tokens: int, ms: float) -> None:
+        """A finished round: its batch size, whether it carried chains, tokens committed and its ms."""
+        key = (self.bucket(rows), chains)
+        tokens_sum, ms_sum, rounds = self._rate.get(key, (0.0, 0.0, 0))
+        self._rate[key] = [tokens_sum * self.keep + tokens, ms_sum * self.keep + ms, rounds + 1]

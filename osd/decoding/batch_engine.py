@@ -44,6 +44,7 @@ from osd.decoding.batch_cache import BatchKVCache, draft_forward, target_forward
 from osd.decoding.batch_cost import (
     AcceptanceEstimate,
     BatchCosts,
+    ChainPayoff,
     blended_alpha,
     choose_draft_length,
     measure_batch_costs,
@@ -145,6 +146,8 @@ class BatchEngine:
         # a suffix chain costs no draft forward, so it may run deeper than γ (the cost table decides how deep)
         self.width_cap = max(self.cap, config.suffix.max_depth) if config.suffix is not None else self.cap
         self.suffix_calibrations: dict = {}  # (index, match length) → calibration, across requests (as the tree engine)
+        self.chain_payoff = ChainPayoff()  # under 'auto': do chains pay at this batch size, measured
+        self.clock = time.perf_counter  # what rounds are timed with (tests pass their own)
         self.cache = BatchKVCache(self.target.config, slots=max_batch, capacity=64)  # buffers appear at the first write
         self._slots: list[_Request] = []  # index = target slot
         self._by_id: dict[str, _Request] = {}
@@ -265,6 +268,7 @@ class BatchEngine:
         out = StepOutput()
         if not self._slots:
             return out
+        start, batch_size = self.clock(), len(self._slots)
         g = self._draft_length()
         for request in self._slots:
             room = request.params.max_tokens - request.output_len - 1  # draft tokens that can still be used
@@ -273,6 +277,7 @@ class BatchEngine:
             request.chain = suffix_chain(request.suffix.candidates(request.tokens, min(self.width_cap, room))) \
                 if request.suffix is not None and room > 0 else []
         self._choose_chains(g)
+        carried = any(r.chain for r in self._slots)
         for group in self._groups.values():
             if any(r.gamma for r in group.members):
                 self._propose(group)
@@ -291,6 +296,9 @@ class BatchEngine:
             finish = self.engine._finish_reason(request.tokens, len(request.prompt_ids), request.params)
             if finish is not None:
                 finished.append(request)
+        if self.config.suffix is not None and self.config.speculation == "auto":
+            self.chain_payoff.observe(batch_size, carried, sum(map(len, out.tokens.values())),
+                                      1000 * (self.clock() - start))
         for request in finished:
             out.finished[request.id] = self._finish(request)
             self._release(request)
@@ -340,8 +348,13 @@ class BatchEngine:
 
         A request takes its chain (cut to depth W) where the chain's expected tokens, 1 + Σ of its calibrated path
         scores, beat its draft's at γ_i; W maximises the batch's expected tokens per ms (every row pays for the
-        widest; the draft steps only if some request still drafts). Under 'always', W is as deep as chains go."""
+        widest; the draft steps only if some request still drafts). Under 'always', W is as deep as chains go.
+        Under 'auto', no chains at all in a round where ChainPayoff measured them not paying at this batch size."""
         if not any(r.chain for r in self._slots):
+            return
+        if self.config.speculation == "auto" and not self.chain_payoff.allow(len(self._slots)):
+            for r in self._slots:  # measured: rounds with chains commit fewer tokens per ms at this batch size
+                r.chain = []
             return
         if self.costs is None and self.config.speculation == "auto":  # not measured at start (measure=False)
             self.costs = self.measure_costs()

@@ -348,3 +348,54 @@ def test_suffix_chain_depth_follows_the_cost_table():
     steep = served({n: {1: 10.0, 7: 100.0} for n in (1, 2)})  # each extra row costs 1.5 forwards: no chains
     assert flat.accepted_suffix > 0 and flat.target_forwards < 20
     assert steep.proposed == 0 and steep.target_forwards == 20
+
+
+def test_chain_payoff_holds_chains_back_where_they_measure_slower():
+    from osd.decoding.batch_cost import ChainPayoff
+
+    payoff = ChainPayoff(min_rounds=4, probe_every=8)
+    assert payoff.allow(8)  # nothing measured yet: rounds with chains first ...
+    for _ in range(4):
+        payoff.observe(8, True, tokens=10, ms=100.0)
+    assert not payoff.allow(8)  # ... then rounds without
+    for _ in range(4):
+        payoff.observe(8, True, tokens=10, ms=100.0)  # 0.10 tokens per ms with chains
+        payoff.observe(8, False, tokens=8, ms=50.0)  # 0.16 without
+    allowed = [payoff.allow(8) for _ in range(32)]
+    assert sum(allowed) == 4  # only the probes, every 8th round
+    assert all(payoff.allow(2) for _ in range(4))  # another batch size is measured apart
+    for _ in range(64):  # traffic changed: chains now pay
+        payoff.observe(8, True, tokens=30, ms=100.0)
+    assert sum(payoff.allow(8) for _ in range(32)) == 28  # chains, but for a probe without them every 8th round
+
+
+def test_chains_stop_where_the_rounds_that_carry_them_are_slower(monkeypatch):
+    """A clock under which a forward costs its rows × width² ms (chains never pay): the engine measures that and
+    stops proposing chains at that batch size but for probes; greedy output stays the target's."""
+    import osd.decoding.batch_engine as be
+
+    target = tiny_llama(vocab=26, sharpness=3.0)
+    engine = _suffix_engine(target, None, speculation="auto")
+    batch = BatchEngine(engine, max_batch=4, costs=BatchCosts({n: {1: 10.0, 9: 10.5} for n in (1, 2, 4)}),
+                        measure=False)  # the table says chains are nearly free
+    now = [0.0]
+    forward = be.target_forward
+
+    def timed_forward(model, cache, start, rows, **kw):
+        now[0] += len(rows) * max(map(len, rows)) ** 2 / 1000  # seconds
+        return forward(model, cache, start, rows, **kw)
+
+    monkeypatch.setattr(be, "target_forward", timed_forward)
+    batch.clock = lambda: now[0]
+    prompts = [[4, 2, 7] * 4, [5, 5, 1, 9] * 3, [3, 1, 4, 1, 5] * 2, [6, 2] * 5]
+    requests = [{"prompt_ids": p, "params": SamplingParams(max_tokens=40)} for p in prompts * 8]
+    carried = []
+    choose = batch._choose_chains
+    monkeypatch.setattr(batch, "_choose_chains", lambda g: choose(g) or carried.append(
+        (batch.active, any(r.chain for r in batch._slots))))
+    outs = batch.generate_many(requests)
+    for r, out in zip(requests, outs):
+        assert out.output_ids == hf_greedy(target, r["prompt_ids"], 40)
+    full = [chains for size, chains in carried if size == 4]  # a full batch: one bucket
+    early, late = full[:8], full[24:]  # 8 rounds with chains, then (at least) 8 without, then the verdict
+    assert all(early) and len(late) >= 16 and sum(late) <= len(late) / 8 + 1, full
