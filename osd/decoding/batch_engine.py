@@ -270,12 +270,15 @@ class BatchEngine:
             return out
         start, batch_size = self.clock(), len(self._slots)
         g = self._draft_length()
+        # Under 'auto', measured: do rounds carrying chains pay at this batch size? If not, skip even the lookups.
+        lookups = self.config.suffix is not None and (self.config.speculation != "auto"
+                                                      or self.chain_payoff.allow(batch_size))
         for request in self._slots:
             room = request.params.max_tokens - request.output_len - 1  # draft tokens that can still be used
             request.gamma = min(g, room) if request.draft is not None else 0
             request.proposal = None
             request.chain = suffix_chain(request.suffix.candidates(request.tokens, min(self.width_cap, room))) \
-                if request.suffix is not None and room > 0 else []
+                if lookups and request.suffix is not None and room > 0 else []
         self._choose_chains(g)
         carried = any(r.chain for r in self._slots)
         for group in self._groups.values():
@@ -349,12 +352,8 @@ class BatchEngine:
         A request takes its chain (cut to depth W) where the chain's expected tokens, 1 + Σ of its calibrated path
         scores, beat its draft's at γ_i; W maximises the batch's expected tokens per ms (every row pays for the
         widest; the draft steps only if some request still drafts). Under 'always', W is as deep as chains go.
-        Under 'auto', no chains at all in a round where ChainPayoff measured them not paying at this batch size."""
+        (Under 'auto', step() looks no chains up in a round where ChainPayoff measured them not paying.)"""
         if not any(r.chain for r in self._slots):
-            return
-        if self.config.speculation == "auto" and not self.chain_payoff.allow(len(self._slots)):
-            for r in self._slots:  # measured: rounds with chains commit fewer tokens per ms at this batch size
-                r.chain = []
             return
         if self.costs is None and self.config.speculation == "auto":  # not measured at start (measure=False)
             self.costs = self.measure_costs()
