@@ -370,8 +370,8 @@ def run_load_bench(args: argparse.Namespace) -> dict:
             warm_up(url, "osd")
         phases = run_load(urls, levels, args, questions, tokenizer, work, say)
     rows = ratios(phases)
-    guidellm_version = subprocess.run([args.guidellm, "--version"], capture_output=True, text=True,
-                                      check=False).stdout.strip()
+    version = subprocess.run([args.guidellm, "--version"], capture_output=True, text=True, check=False).stdout
+    guidellm_version = "guidellm " + version.strip().removeprefix("guidellm version:").strip()
     result = {
         "benchmark": "load", "environment": environment(),
         "config": {"modes": modes, "levels": list(levels), "requests": {str(n): args.load_requests or requests_for(n)
@@ -397,7 +397,7 @@ def render_markdown(result: dict) -> str:
     lines = [
         f"## Load: continuous batching vs one request at a time (`osd bench load`, guidellm, {result['environment']['date']})",
         "",
-        (f"{cfg['guidellm'] or 'guidellm'} holding N streaming greedy chat completions in flight (profile concurrent) "
+        (f"{cfg['guidellm'] or 'guidellm'} held N streaming greedy chat completions in flight (profile concurrent) "
         f"against one replica ({cfg['replica_threads']} torch threads, {result['environment']['cpu_count']} cores), "
         f"{cfg['max_tokens']} new tokens each, 2·N+4 requests per N, each N its own Spec-Bench questions "
         f"({cfg['questions']} in all, spread over the categories; none repeats, which would favour suffix speculation). Every "
