@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from bench.report import environment, table, update_doc_section, write_json
+from bench.report import environment, save_figure, table, update_doc_section, write_json
 from osd.config import EngineConfig, SamplingParams
 from osd.data.codec import decode_record, encode_record
 from osd.data.records import TrainingRecord
@@ -869,11 +869,7 @@ def plot_learning_curve(result: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- command line

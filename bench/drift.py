@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.report import environment, table, update_doc_section, write_json
+from bench.report import environment, save_figure, table, update_doc_section, write_json
 from trainers.config import DistillConfig
 
 DEFAULT_PHASES = ("math_reasoning", "translation", "summarization", "qa")
@@ -223,8 +223,7 @@ def plot(result: dict, path: str) -> None:
     ax2.set_xlabel("request (phases of the stream; ▲ = a new draft version served)")
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _f(v, spec: str = ".3f") -> str:

@@ -63,7 +63,7 @@ from bench.distill import (
     score_draft,
     serve_interleaved,
 )
-from bench.report import environment, table, update_doc_section, write_json
+from bench.report import environment, save_figure, table, update_doc_section, write_json
 from osd.config import EngineConfig, SamplingParams
 from osd.data.records import TrainingRecord
 from osd.decoding.eagle import EagleHead, FeatureCapture, default_feature_layers
@@ -1264,11 +1264,7 @@ def plot_curves(result: dict, path: str | Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- command line

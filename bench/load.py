@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -113,47 +112,29 @@ def deployed_modes(args: argparse.Namespace, modes: Sequence[str], max_clients: 
                    say: Callable[[str], None] = print) -> Iterator[tuple[dict[str, str], dict]]:
     """Embedded Redis (one database per mode, so records and registries stay apart), a local Ray and one Serve app per
     mode behind one proxy; yields ({mode: base URL}, deployment info). Everything is stopped on the way out."""
-    import ray
-    from ray import serve
-
     from actors.serve_app import deploy
-    from bench.serve import free_port
+    from bench.serve import free_port, local_ray
     from osd.data.redis_server import EmbeddedRedis
 
     redis = EmbeddedRedis().start()
-    temp_dir = tempfile.mkdtemp(prefix="osd-ray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    ray_started, clean = False, False
     try:
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
-                 namespace="osd-bench-load", log_to_driver=False)
-        ray_started = True
-        port = free_port()
-        urls, info = {}, {"deploy_s": {}, "apps": {}}
-        for i, mode in enumerate(modes):
-            db_url = redis.url.rsplit("/", 1)[0] + f"/{i}"
-            config = mode_config(mode, base_config(args, db_url, max_clients), args.max_batch)
-            say(f"[load] deploying {mode} (max_batch {config.engine.max_batch}, draft {config.models.draft}, suffix "
-                f"{'on' if config.engine.suffix else 'off'}) at 127.0.0.1:{port}/{mode} ...")
-            t0 = time.perf_counter()
-            deploy(config, name=f"load-{mode}", host="127.0.0.1", port=port, timeout_s=args.deploy_timeout,
-                   route_prefix=f"/{mode}")
-            info["deploy_s"][mode] = time.perf_counter() - t0
-            info["apps"][mode] = config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})
-            urls[mode] = f"http://127.0.0.1:{port}/{mode}"
-        yield urls, info
-        clean = True
+        with local_ray("osd-bench-load"):
+            port = free_port()
+            urls, info = {}, {"deploy_s": {}, "apps": {}}
+            for i, mode in enumerate(modes):
+                db_url = redis.url.rsplit("/", 1)[0] + f"/{i}"
+                config = mode_config(mode, base_config(args, db_url, max_clients), args.max_batch)
+                say(f"[load] deploying {mode} (max_batch {config.engine.max_batch}, draft {config.models.draft}, "
+                    f"suffix {'on' if config.engine.suffix else 'off'}) at 127.0.0.1:{port}/{mode} ...")
+                t0 = time.perf_counter()
+                deploy(config, name=f"load-{mode}", host="127.0.0.1", port=port, timeout_s=args.deploy_timeout,
+                       route_prefix=f"/{mode}")
+                info["deploy_s"][mode] = time.perf_counter() - t0
+                info["apps"][mode] = config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})
+                urls[mode] = f"http://127.0.0.1:{port}/{mode}"
+            yield urls, info
     finally:
-        if ray_started:
-            try:
-                serve.shutdown()
-            except Exception as e:  # keep going: Ray and Redis must still stop
-                print(f"serve.shutdown failed: {e}", file=sys.stderr)
-            ray.shutdown()
         redis.close()
-        if clean:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        else:
-            print(f"Ray session files (replica logs under session_*/logs/serve) kept in {temp_dir}", file=sys.stderr)
 
 
 def warm_up(url: str, model: str, timeout_s: float = 300.0) -> None:

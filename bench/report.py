@@ -24,6 +24,17 @@ def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
     return path
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure (its folder made if missing) at the benchmarks' resolution, then free it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def update_doc_section(doc: str | Path, section: str, markdown: str) -> Path:
     """Replace (or append) the part of `doc` between `<!-- section:begin -->` and `<!-- section:end -->`."""
     path = Path(doc)

@@ -407,21 +407,45 @@ def app_config(args: argparse.Namespace, redis_url: str, max_clients: int):
 
 
 @contextmanager
+def local_ray(namespace: str) -> Iterator[None]:
+    """A local Ray (RAY_CPUS CPUs, no dashboard, a temp dir of its own) for Serve apps; on the way out, error or Ctrl-C
+    included, Serve and Ray are shut down and the temp dir removed, or kept (with the replica logs) after an error."""
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="osd-ray-", dir="/tmp")  # short: Ray's unix sockets live under it
+    ray_started, clean = False, False
+    try:
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
+                 namespace=namespace, log_to_driver=False)
+        ray_started = True
+        yield
+        clean = True
+    finally:
+        if ray_started:
+            try:
+                serve.shutdown()
+            except Exception as e:  # keep going: Ray must still stop
+                print(f"serve.shutdown failed: {e}", file=sys.stderr)
+            ray.shutdown()
+        if clean:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            print(f"Ray session files (replica logs under session_*/logs/serve) kept in {temp_dir}", file=sys.stderr)
+
+
+@contextmanager
 def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[[str], None] = print,
                       config_builder: Callable = app_config) -> Iterator[tuple[str, ServeTrainerControl | None, dict]]:
     """Embedded Redis (unless --redis-url) + a local Ray (2 CPUs, no dashboard, temp dir) + the osd
     app on a free loopback port; yields (url, trainer control (None without a trainer), info). Everything it started is
     stopped on the way out, error or Ctrl-C included; on an error the Ray logs are kept."""
-    import ray
     from ray import serve
 
     from actors.serve_app import TRAINER_DEPLOYMENT, deploy
     from osd.data.redis_server import EmbeddedRedis
 
     redis = None
-    ray_started = False
-    temp_dir = tempfile.mkdtemp(prefix="osd-ray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    clean = False
     try:
         if args.redis_url:
             redis_url = args.redis_url
@@ -430,37 +454,24 @@ def deployed_endpoint(args: argparse.Namespace, max_clients: int, say: Callable[
             redis_url = redis.url
         config = config_builder(args, redis_url, max_clients)
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _temp_dir=temp_dir,
-                 namespace="osd-bench", log_to_driver=False)
-        ray_started = True
-        port = free_port()
-        say(f"Ray started ({RAY_CPUS} CPUs); deploying the osd app (target {args.target}, draft {args.draft}) "
-            f"on 127.0.0.1:{port} ...")
-        t1 = time.perf_counter()
-        deploy(config, name=APP_NAME, host="127.0.0.1", port=port, timeout_s=args.deploy_timeout)
-        control = None  # a deployment without a trainer has nothing to control
-        if config.trainer.enabled:
-            control = ServeTrainerControl(serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP_NAME))
-            control.set_mode("paused")  # no training before the static phases
-        info = {"ray_start_s": t1 - t0, "deploy_s": time.perf_counter() - t1, "redis": "external" if args.redis_url
-                else "embedded", "redis_url": redis_url,
-                "app": config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})}
-        say(f"deployed in {info['deploy_s']:.0f}s")
-        yield f"http://127.0.0.1:{port}", control, info
-        clean = True
+        with local_ray("osd-bench"):
+            port = free_port()
+            say(f"Ray started ({RAY_CPUS} CPUs); deploying the osd app (target {args.target}, draft {args.draft}) "
+                f"on 127.0.0.1:{port} ...")
+            t1 = time.perf_counter()
+            deploy(config, name=APP_NAME, host="127.0.0.1", port=port, timeout_s=args.deploy_timeout)
+            control = None  # a deployment without a trainer has nothing to control
+            if config.trainer.enabled:
+                control = ServeTrainerControl(serve.get_deployment_handle(TRAINER_DEPLOYMENT, APP_NAME))
+                control.set_mode("paused")  # no training before the static phases
+            info = {"ray_start_s": t1 - t0, "deploy_s": time.perf_counter() - t1,
+                    "redis": "external" if args.redis_url else "embedded", "redis_url": redis_url,
+                    "app": config.model_dump(mode="json", exclude={"redis_url", "buffer", "registry"})}
+            say(f"deployed in {info['deploy_s']:.0f}s")
+            yield f"http://127.0.0.1:{port}", control, info
     finally:
-        if ray_started:
-            try:
-                serve.shutdown()
-            except Exception as e:  # keep going: Ray and Redis must still stop
-                print(f"serve.shutdown failed: {e}", file=sys.stderr)
-            ray.shutdown()
         if redis is not None:
             redis.close()
-        if clean:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        else:
-            print(f"Ray session files (replica logs under session_*/logs/serve) kept in {temp_dir}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the command
